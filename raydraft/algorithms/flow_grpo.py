@@ -1,0 +1,210 @@
+"""Flow-GRPO: online RL for flow-matching models (Liu et al. 2025, arXiv 2505.05470).
+
+1. Rollout: the ODE sampler turned into an SDE with the same marginals
+   (`sde_step_with_logprob`), G samples per prompt, per-step log-probs recorded.
+2. Group-relative advantages: Â_i = (R_i - mean_group R) / (std + 1e-4), clipped to
+   ±A_max; groups whose rewards are all equal carry no signal and are dropped.
+3. Update: for each recorded SDE step t (the first `timestep_fraction` of them), the
+   log-prob of the recorded move under the current weights gives ρ = exp(logp - logp_old),
+   and the PPO-clip surrogate -min(ρÂ, clip(ρ, 1 ± ε)Â) plus β·KL(π_θ || π_ref) per step,
+   where the KL between two Gaussian steps of equal std is ‖μ_θ - μ_ref‖² / (2σ²).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raydraft.algorithms.common import PromptBatch, group, split_minibatches
+from raydraft.config import FlowGRPOConfig, SamplerConfig
+from raydraft.models.base import Conditioning, Policy
+from raydraft.sampling.loop import StepNoise, denoise, predict
+from raydraft.sampling.samplers import Sampler
+from raydraft.sampling.trajectory import Trajectory
+
+SDE_NOISE_STREAM = 1
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    global_std: bool = False,
+    eps: float = 1e-4,
+    clip: float = 5.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, zero-std mask) for rewards grouped by prompt; population std as flow_grpo."""
+    rewards = rewards.double()
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    count = torch.bincount(inverse).double()
+    mean = torch.bincount(inverse, rewards) / count
+    centred = rewards - mean[inverse]
+    group_var = torch.bincount(inverse, centred**2) / count
+    std = rewards.std(correction=0).expand_as(rewards) if global_std else group_var.sqrt()[inverse]
+    advantages = (centred / (std + eps)).clamp(-clip, clip)
+    zero_std = (group_var == 0)[inverse]
+    advantages = torch.where(zero_std, torch.zeros_like(advantages), advantages)
+    return advantages.float(), zero_std
+
+
+def clipped_surrogate(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(PPO-clip loss, ratio, clipped mask), per sample; the loss is to be minimised."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped)
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std²) || N(ref_mean, std²)) per dimension, averaged like the log-probs."""
+    return ((mean - ref_mean) ** 2 / (2 * std.expand_as(mean) ** 2)).flatten(1).mean(1)
+
+
+def sde_window_mask(cfg: SamplerConfig, num_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Which steps are stochastic: all, or a random window (Flow-GRPO-Fast)."""
+    mask = torch.ones(num_steps, dtype=torch.bool)
+    if cfg.sde_window_size is None:
+        return mask
+    lo, hi = cfg.sde_window_range or (0, num_steps - cfg.sde_window_size + 1)
+    start = int(torch.randint(lo, hi, (1,), generator=generator))
+    mask[:] = False
+    mask[start : start + cfg.sde_window_size] = True
+    return mask
+
+
+@dataclass
+class GRPOBatch:
+    """One minibatch at one recorded step: everything the ratio and KL need."""
+
+    cond: Conditioning
+    x: torch.Tensor  # latents before the step
+    x_next: torch.Tensor  # the recorded move
+    old_log_prob: torch.Tensor  # (b,) behaviour log-prob
+    advantages: torch.Tensor  # (b,)
+    step: int
+
+
+@dataclass
+class GRPORollout:
+    trajectory: Trajectory
+    cond: Conditioning
+    metadata: list[dict]
+
+
+class FlowGRPO:
+    scores_rollouts = True  # black-box rewards score the rollout's images
+
+    def __init__(
+        self, cfg: FlowGRPOConfig, sampler: Sampler, sampler_cfg: SamplerConfig, guidance: float
+    ) -> None:
+        if not sampler.stochastic:
+            raise ValueError("Flow-GRPO needs a stochastic sampler (noise_level > 0)")
+        self.cfg = cfg
+        self.sampler = sampler
+        self.sampler_cfg = sampler_cfg
+        self.guidance = guidance
+
+    @torch.no_grad()
+    def rollout(self, policy: Policy, batch: PromptBatch, generator: torch.Generator) -> GRPORollout:
+        sde_mask = sde_window_mask(self.sampler_cfg, self.sampler.num_steps, generator)
+        cond = policy.encode(batch.prompts)
+        seeds = batch.seeds.tolist()
+        x = policy.initial_noise(seeds)
+        result = denoise(
+            policy, cond, x, self.sampler, range(self.sampler.num_steps), self.guidance,
+            noise=StepNoise(seeds, SDE_NOISE_STREAM), sde_mask=sde_mask, record=True,
+        )  # fmt: skip
+        times = torch.tensor([self.sampler.model_time(i) for i in range(self.sampler.num_steps)])
+        trajectory = Trajectory(
+            prompts=list(batch.prompts),
+            prompt_ids=batch.prompt_ids,
+            seeds=batch.seeds,
+            times=times,
+            latents=torch.stack(result.latents, dim=1),
+            log_probs=torch.stack(result.log_probs, dim=1),
+            sde_mask=sde_mask,
+            policy_version=policy.version,
+            images=policy.decode(result.x).float(),
+        )
+        return GRPORollout(trajectory, cond, batch.metadata)
+
+    def train_steps(self, sde_mask: torch.Tensor) -> list[int]:
+        """The stochastic steps trained on: the first `timestep_fraction` of them, at least one."""
+        steps = sde_mask.nonzero().flatten().tolist()
+        return steps[: max(1, int(len(steps) * self.cfg.timestep_fraction))]
+
+    def plan_updates(
+        self,
+        rollout: GRPORollout,
+        rewards: torch.Tensor,
+        valid: torch.Tensor,
+        minibatch_size: int,
+        grad_accum_steps: int,
+        generator: torch.Generator,
+    ) -> tuple[list[list[GRPOBatch]], dict[str, float]]:
+        """Optimizer steps over (shuffled minibatch × trained step) micro-batches.
+
+        Samples with a bad (dropped) reward take their whole group with them: the
+        group's baseline would be wrong without them.
+        """
+        traj = rollout.trajectory
+        bad_groups = torch.unique(traj.prompt_ids[~valid])
+        keep_group = ~torch.isin(traj.prompt_ids, bad_groups)
+        advantages, zero_std = group_advantages(
+            rewards, traj.prompt_ids, self.cfg.global_std, clip=self.cfg.adv_clip_max
+        )
+        keep = (keep_group & ~zero_std).nonzero().flatten()
+        stats = {
+            "zero_std_fraction": float(zero_std[keep_group].float().mean()) if keep_group.any() else 0.0,
+            "bad_reward_dropped": float((~valid).sum()),
+            "samples_trained": float(len(keep)),
+        }
+        steps = self.train_steps(traj.sde_mask)
+        updates: list[list[GRPOBatch]] = []
+        for _ in range(self.cfg.num_inner_epochs):
+            micro: list[list[GRPOBatch]] = []
+            for part in split_minibatches(len(keep), minibatch_size, generator):
+                index = keep[part]
+                micro.append(
+                    [
+                        GRPOBatch(
+                            cond=rollout.cond.select(index),
+                            x=traj.latents[index, j],
+                            x_next=traj.latents[index, j + 1],
+                            old_log_prob=traj.log_probs[index, j],
+                            advantages=advantages[index],
+                            step=j,
+                        )
+                        for j in steps
+                    ]
+                )
+            updates += [sum(chunk, []) for chunk in group(micro, grad_accum_steps)]
+        return updates, stats
+
+    def loss(self, policy: Policy, batch: GRPOBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        j, sampler = batch.step, self.sampler
+        t = sampler.model_time(j)
+        out = predict(policy, batch.x, t, batch.cond, self.guidance, checkpoint=False)
+        step = sampler.step(out, batch.x, j, stochastic=True, prev_sample=batch.x_next)
+        per_sample, ratio, clipped = clipped_surrogate(
+            step.log_prob, batch.old_log_prob, batch.advantages, self.cfg.clip_range
+        )
+        loss = per_sample.mean()
+        log_ratio = (step.log_prob - batch.old_log_prob).detach()
+        stats = {
+            "policy_loss": float(loss.detach()),
+            "ratio_mean": float(ratio.detach().mean()),
+            "ratio_std": float(ratio.detach().std()) if ratio.numel() > 1 else 0.0,
+            "clipfrac": float(clipped.float().mean()),
+            "approx_kl": float(0.5 * (log_ratio**2).mean()),
+        }
+        if self.cfg.kl_beta > 0:
+            with torch.no_grad(), policy.reference():
+                ref_out = predict(policy, batch.x, t, batch.cond, self.guidance, checkpoint=False)
+                ref = sampler.step(ref_out, batch.x, j, stochastic=True, prev_sample=batch.x_next)
+            kl = gaussian_kl(step.mean, ref.mean, step.std).mean()
+            loss = loss + self.cfg.kl_beta * kl
+            stats["kl_ref"] = float(kl.detach())
+        return loss, stats

@@ -1,0 +1,5 @@
+"""Benchmarks: `raydraft bench NAME` prints ratios measured side by side in one run."""
+
+from raydraft.bench.draft_cost import run as draft_cost
+
+BENCHES = {"draft-cost": draft_cost}

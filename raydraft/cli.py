@@ -1,0 +1,92 @@
+"""`raydraft train | bench`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from raydraft.config import ConfigError, load_config
+
+
+def _run_dir(name: str) -> Path:
+    """runs/<name>, or runs/<name>-N when that one is taken."""
+    base = Path("runs") / name
+    path, n = base, 1
+    while path.exists():
+        path, n = Path(f"{base}-{n}"), n + 1
+    return path
+
+
+def train(args: argparse.Namespace) -> int:
+    from raydraft.trainer import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
+        cfg = load_config(config_path, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.name)
+    if args.max_steps:
+        cfg = cfg.model_copy(update={"max_steps": args.max_steps})
+    trainer = Trainer(cfg, run_dir)
+    if args.resume:
+        step = trainer.resume()
+        print(f"resumed {run_dir} at step {step}")
+    history = trainer.fit()
+    if history:
+        first, last = history[0], history[-1]
+        print(
+            f"{cfg.name}: {trainer.step} steps, reward {first.get('reward_mean', float('nan')):.4f}"
+            f" -> {last.get('reward_mean', float('nan')):.4f}, "
+            f"{last['images_per_s']:.1f} images/s\nrun directory: {run_dir}"
+        )
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from raydraft.bench import BENCHES
+
+    if args.name not in BENCHES:
+        print(f"unknown bench {args.name!r}; available: {sorted(BENCHES)}", file=sys.stderr)
+        return 2
+    BENCHES[args.name](args.options)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="raydraft", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train (no config: the embedded default)")
+    p.add_argument("--config", help="YAML file or shipped config name (default: toy-flowgrpo)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4")
+    p.add_argument("--max-steps", type=int, help="iterations to train to")
+    p.add_argument("--run-dir", help="run directory (default: runs/<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--local", action="store_true", help="single-process trainer (no Ray)")
+    p.set_defaults(func=train)
+
+    p = commands.add_parser("bench", help="run a benchmark and print its ratios")
+    p.add_argument("name", help="benchmark name, e.g. draft-cost")
+    p.add_argument("options", nargs="*", help="key=value options of the benchmark")
+    p.set_defaults(func=bench)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"raydraft: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Typed, validated experiment config: YAML with `extends:`, dotted CLI overrides.
+
+Every section forbids unknown keys, so a typo fails with its full path
+(`learner.lrr: Extra inputs are not permitted`) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+UnitInterval = Annotated[float, Field(gt=0, le=1)]
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "toy-flowgrpo"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 32.0
+    target_modules: list[str] | None = None  # None: the family's default set
+    init: Literal["gaussian", "default"] = "gaussian"
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class ModelConfig(Section):
+    family: Literal["toy", "sd3"] = "toy"
+    path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    gradient_checkpointing: bool = False
+    negative_prompt: str = ""
+    lora: LoraConfig = LoraConfig()
+
+
+class SamplerConfig(Section):
+    kind: Literal["ode", "sde", "cps", "ddim"] = "sde"
+    num_steps: PositiveInt = 10
+    eval_num_steps: PositiveInt = 20
+    noise_level: NonNegativeFloat = 0.7  # SDE/CPS `a`, DDIM eta
+    shift: PositiveFloat = 1.0  # flow schedule shift (SD3: 3.0)
+    guidance_scale: NonNegativeFloat = 1.0  # 1 = no classifier-free guidance
+    sde_window_size: PositiveInt | None = None  # Flow-GRPO-Fast: SDE only inside a window
+    sde_window_range: tuple[NonNegativeInt, PositiveInt] | None = None  # window start in [lo, hi)
+
+    @model_validator(mode="after")
+    def _window(self) -> SamplerConfig:
+        if self.sde_window_size is not None:
+            lo, hi = self.sde_window_range or (0, self.num_steps - self.sde_window_size + 1)
+            if not lo < hi or hi - 1 + self.sde_window_size > self.num_steps:
+                raise ValueError(
+                    f"sde_window_range {(lo, hi)} with sde_window_size {self.sde_window_size} "
+                    f"does not fit in num_steps={self.num_steps}"
+                )
+        return self
+
+
+class DraftConfig(Section):
+    """DRaFT family. Settings: full DRaFT (no truncation), DRaFT-K (`truncation_steps`),
+    DRaFT-LV (`truncation_steps: 1`, `lv_samples: n`), AlignProp (`truncation_range`),
+    ReFL (`refl_stop_range`: stop at a random step and predict x0 in one step)."""
+
+    name: Literal["draft"]
+    truncation_steps: PositiveInt | None = None
+    truncation_range: tuple[PositiveInt, PositiveInt] | None = None
+    lv_samples: NonNegativeInt = 0
+    refl_stop_range: tuple[NonNegativeInt, PositiveInt] | None = None
+
+    @model_validator(mode="after")
+    def _one_setting(self) -> DraftConfig:
+        chosen = [
+            k
+            for k in ("truncation_steps", "truncation_range", "refl_stop_range")
+            if getattr(self, k) is not None
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one of {chosen}, not several")
+        if self.lv_samples and self.truncation_steps != 1:
+            raise ValueError("lv_samples (DRaFT-LV) needs truncation_steps: 1")
+        for key in ("truncation_range", "refl_stop_range"):
+            rng = getattr(self, key)
+            if rng is not None and rng[0] > rng[1]:
+                raise ValueError(f"{key} {rng}: low end above high end")
+        return self
+
+
+class FlowGRPOConfig(Section):
+    name: Literal["flow_grpo"]
+    group_size: Annotated[int, Field(ge=2)] = 8
+    clip_range: PositiveFloat = 1e-3
+    adv_clip_max: PositiveFloat = 5.0
+    kl_beta: NonNegativeFloat = 0.0
+    global_std: bool = False
+    timestep_fraction: UnitInterval = 0.99
+    num_inner_epochs: PositiveInt = 1
+
+
+AlgorithmConfig = Annotated[DraftConfig | FlowGRPOConfig, Field(discriminator="name")]
+
+
+class RewardSpec(Section):
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = {}
+
+
+class RewardsConfig(Section):
+    components: list[RewardSpec] = Field(min_length=1)
+    on_bad_reward: Literal["error", "drop"] = "error"
+
+
+class DataConfig(Section):
+    prompts: str = "toy-colors"  # a registered prompt set, or a .txt file (one per line)
+    prompts_per_step: PositiveInt = 8
+    shuffle: bool = True
+
+
+class LearnerConfig(Section):
+    lr: PositiveFloat = 3e-4
+    weight_decay: NonNegativeFloat = 1e-4
+    betas: tuple[UnitInterval, UnitInterval] = (0.9, 0.999)
+    max_grad_norm: PositiveFloat | None = 1.0
+    minibatch_size: PositiveInt = 8
+    grad_accum_steps: PositiveInt = 1
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+
+class CheckpointConfig(Section):
+    every: NonNegativeInt = 50  # 0: only at the end
+    keep: PositiveInt = 2
+
+
+class LoggingConfig(Section):
+    sample_every: NonNegativeInt = 25  # 0: no sample grids
+    progress_bar: bool = True
+
+
+class ExperimentConfig(Section):
+    name: str = "raydraft"
+    seed: int = 0
+    max_steps: PositiveInt = 100
+    runtime: Literal["local"] = "local"
+    model: ModelConfig = ModelConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    algorithm: AlgorithmConfig
+    rewards: RewardsConfig
+    data: DataConfig = DataConfig()
+    learner: LearnerConfig = LearnerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> ExperimentConfig:
+        steps = self.sampler.num_steps
+        algo = self.algorithm
+        if isinstance(algo, DraftConfig):
+            if algo.truncation_steps is not None and algo.truncation_steps > steps:
+                raise ValueError(
+                    f"algorithm.truncation_steps={algo.truncation_steps} exceeds "
+                    f"sampler.num_steps={steps}"
+                )
+            if algo.truncation_range is not None and algo.truncation_range[1] > steps:
+                raise ValueError(
+                    f"algorithm.truncation_range={algo.truncation_range} exceeds "
+                    f"sampler.num_steps={steps}"
+                )
+            if algo.refl_stop_range is not None and algo.refl_stop_range[1] >= steps:
+                raise ValueError(
+                    f"algorithm.refl_stop_range={algo.refl_stop_range}: step indices run "
+                    f"0..{steps - 1} (sampler.num_steps={steps})"
+                )
+        else:
+            if self.sampler.kind == "ode" or self.sampler.noise_level == 0:
+                raise ValueError(
+                    "flow_grpo needs a stochastic sampler: sampler.kind sde/cps/ddim "
+                    "with sampler.noise_level > 0"
+                )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; a section whose `name` changes (another algorithm) replaces the old one."""
+    out = dict(base)
+    for key, value in override.items():
+        old = out.get(key)
+        if (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("name", old.get("name")) == old.get("name")
+        ):
+            out[key] = _merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a config shipped with the package (`toy-flowgrpo`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = PACKAGE_CONFIGS / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r}: no such file and no shipped config {names}")
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, merging the chain of `extends:` (relative to the file, or shipped)."""
+    path = resolve_config_path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: `extends` cycle through {[str(p) for p in _seen]}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = path.parent / parent
+    base = load_yaml_tree(parent_path if parent_path.is_file() else parent, (*_seen, path))
+    return _merge(base, data)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; the value is parsed as YAML (`1e-4`, `[1, 3]`, `null`)."""
+    tree = _merge({}, tree)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        value = yaml.safe_load(raw) if raw else ""
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _error_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    # Pydantic puts the discriminator tag into the location of a union member's errors.
+    if len(parts) > 1 and parts[0] == "algorithm" and parts[1] in ("draft", "flow_grpo"):
+        del parts[1]
+    return ".".join(parts) or "<config>"
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = [f"{_error_path(e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The config that `raydraft train` runs: a file (or the shipped default) plus overrides."""
+    source = str(path or DEFAULT_CONFIG)
+    tree = apply_overrides(load_yaml_tree(source), overrides or [])
+    return build_config(tree, source)

@@ -1,0 +1,77 @@
+"""The trainable part of a policy: its denoiser with a LoRA adapter, or all its weights.
+
+Adapters compose one `TrainableDenoiser` so trainable state, versions, the reference
+context and gradient checkpointing behave the same in every model family. Adapters call
+`trainable.active` for each prediction: the denoiser, or inside `reference()` the frozen
+base model (the adapter switched off, or a frozen copy for full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from raydraft.config import LoraConfig
+from raydraft.models.lora import adapters_disabled, add_lora, load_lora_state, lora_state
+
+
+class TrainableDenoiser:
+    def __init__(
+        self,
+        denoiser: torch.nn.Module,
+        lora: LoraConfig,
+        default_targets: Sequence[str],
+        keep_reference: bool = False,
+    ) -> None:
+        self.module = denoiser
+        self.uses_lora = lora.enabled
+        self.version = 0
+        self.active = denoiser
+        self._frozen_copy: torch.nn.Module | None = None
+        if self.uses_lora:
+            add_lora(denoiser, lora, default_targets)
+        else:
+            denoiser.requires_grad_(True)
+            if keep_reference:
+                self._frozen_copy = copy.deepcopy(denoiser).requires_grad_(False).eval()
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.uses_lora:
+            return lora_state(self.module)
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load(self, state: dict[str, torch.Tensor], version: int) -> None:
+        if self.uses_lora:
+            load_lora_state(self.module, state)
+        else:
+            self.module.load_state_dict(state, strict=True)
+        self.version = version
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        if self.uses_lora:
+            with adapters_disabled(self.module):
+                yield
+            return
+        if self._frozen_copy is None:
+            raise RuntimeError(
+                "full fine-tuning keeps no reference model: build the policy with "
+                "keep_reference=True when the algorithm needs a KL term"
+            )
+        self.active = self._frozen_copy
+        try:
+            yield
+        finally:
+            self.active = self.module
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.module.enable_gradient_checkpointing()
+        else:
+            self.module.disable_gradient_checkpointing()

@@ -1,0 +1,45 @@
+"""Rewards by name: `build_reward(RewardsConfig)` turns the config's list into one reward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from raydraft.config import RewardsConfig
+from raydraft.rewards.base import CompositeReward, Reward
+
+RewardFactory = Callable[..., Reward]
+_REGISTRY: dict[str, RewardFactory] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
+    def add(factory: RewardFactory) -> RewardFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def available_rewards() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def make_reward(name: str, options: dict[str, Any] | None = None) -> Reward:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}")
+    try:
+        return _REGISTRY[name](**(options or {}))
+    except TypeError as err:
+        raise TypeError(f"reward {name!r}: bad options {options}: {err}") from None
+
+
+def build_reward(cfg: RewardsConfig) -> CompositeReward:
+    return CompositeReward([(make_reward(c.name, c.options), c.weight) for c in cfg.components])
+
+
+def _load_builtins() -> None:
+    from raydraft.rewards import builtin  # noqa: F401  (registers on import)

@@ -1,0 +1,69 @@
+"""The run directory contract: config.yaml, metrics.jsonl, rollouts/, checkpoints/, samples/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+
+def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
+    """NCHW images in [0, 1] tiled row-major into one RGB picture."""
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    canvas = torch.zeros(3, rows * h, columns * w)
+    for i, image in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        r, c = divmod(i, columns)
+        canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    pixels = (canvas.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+class RunDirectory:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.samples = self.root / "samples"
+        self.rollouts = self.root / "rollouts"
+        for path in (self.checkpoints, self.samples, self.rollouts):
+            path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.root / "metrics.jsonl"
+        self._pending_rollouts: list[dict[str, Any]] = []
+
+    def write_config(self, text: str) -> None:
+        (self.root / "config.yaml").write_text(text)
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop lines past a resumed checkpoint, so each step appears once."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= after_step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def add_rollouts(self, records: list[dict[str, Any]]) -> None:
+        self._pending_rollouts += records
+
+    def flush_rollouts(self) -> Path | None:
+        """Write the rollouts logged since the last flush (called at each checkpoint)."""
+        if not self._pending_rollouts:
+            return None
+        steps = [r["step"] for r in self._pending_rollouts]
+        path = self.rollouts / f"steps-{min(steps):06d}-{max(steps):06d}.parquet"
+        pq.write_table(pa.Table.from_pylist(self._pending_rollouts), path)
+        self._pending_rollouts = []
+        return path
+
+    def save_samples(self, images: torch.Tensor, step: int, columns: int = 8) -> Path:
+        path = self.samples / f"step-{step:06d}.png"
+        image_grid(images, columns).save(path)
+        return path
