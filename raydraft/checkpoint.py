@@ -55,7 +55,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    flat = {f"{group}/{k}": v.detach().contiguous().cpu() for group, d in tensors.items() for k, v in d.items()}
+    flat = {
+        f"{group}/{k}": v.detach().contiguous().cpu()
+        for group, d in tensors.items()
+        for k, v in d.items()
+    }
     flat |= {f"optimizer/{k}": v.detach().contiguous().cpu() for k, v in opt_tensors.items()}
     save_file(flat, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
@@ -74,7 +78,9 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
     """(tensor groups, optimizer state dict, state) of a checkpoint directory."""
     path = Path(path)
     if not (path / "state.json").is_file():

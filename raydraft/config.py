@@ -276,7 +276,9 @@ def build_config(tree: dict[str, Any], source: str = "config") -> ExperimentConf
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """The config that `raydraft train` runs: a file (or the shipped default) plus overrides."""
     source = str(path or DEFAULT_CONFIG)
     tree = apply_overrides(load_yaml_tree(source), overrides or [])

@@ -162,7 +162,9 @@ class Trainer:
         sampler_cfg = self.cfg.sampler.model_copy(update={"kind": "ode"})
         if policy.prediction_type != "flow":
             sampler_cfg = self.cfg.sampler.model_copy(update={"noise_level": 0.0})
-        sampler = build_sampler(sampler_cfg, policy.prediction_type, self.cfg.sampler.eval_num_steps)
+        sampler = build_sampler(
+            sampler_cfg, policy.prediction_type, self.cfg.sampler.eval_num_steps
+        )
         policy.train(False)
         with self.ema.applied() if self.ema else nullcontext():
             cond = policy.encode(prompts)
@@ -217,4 +219,3 @@ def _newest(root: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"{root}: no checkpoint to resume from")
     return found[-1]
-

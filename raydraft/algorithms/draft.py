@@ -138,11 +138,13 @@ class DRaFT:
             self.drop_bad_rewards,
         )
         if not valid.any():
-            raise RuntimeError(f"every sample in the minibatch had a bad {self.reward.name!r} reward")
+            raise RuntimeError(
+                f"every sample in the minibatch had a bad {self.reward.name!r} reward"
+            )
         kept = rewards[valid]
         stats = {
-            "reward_mean": float(kept.mean()),
-            "reward_std": float(kept.std()) if kept.numel() > 1 else 0.0,
+            "reward_mean": float(kept.detach().mean()),
+            "reward_std": float(kept.detach().std()) if kept.numel() > 1 else 0.0,
             "grad_steps": float(self.sampler.num_steps - batch.start)
             if batch.mode == "chain"
             else 1.0,

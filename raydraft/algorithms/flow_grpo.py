@@ -107,7 +107,9 @@ class FlowGRPO:
         self.guidance = guidance
 
     @torch.no_grad()
-    def rollout(self, policy: Policy, batch: PromptBatch, generator: torch.Generator) -> GRPORollout:
+    def rollout(
+        self, policy: Policy, batch: PromptBatch, generator: torch.Generator
+    ) -> GRPORollout:
         sde_mask = sde_window_mask(self.sampler_cfg, self.sampler.num_steps, generator)
         cond = policy.encode(batch.prompts)
         seeds = batch.seeds.tolist()
@@ -157,7 +159,9 @@ class FlowGRPO:
         )
         keep = (keep_group & ~zero_std).nonzero().flatten()
         stats = {
-            "zero_std_fraction": float(zero_std[keep_group].float().mean()) if keep_group.any() else 0.0,
+            "zero_std_fraction": float(zero_std[keep_group].float().mean())
+            if keep_group.any()
+            else 0.0,
             "bad_reward_dropped": float((~valid).sum()),
             "samples_trained": float(len(keep)),
         }
@@ -180,7 +184,7 @@ class FlowGRPO:
                         for j in steps
                     ]
                 )
-            updates += [sum(chunk, []) for chunk in group(micro, grad_accum_steps)]
+            updates += [[b for mb in chunk for b in mb] for chunk in group(micro, grad_accum_steps)]
         return updates, stats
 
     def loss(self, policy: Policy, batch: GRPOBatch) -> tuple[torch.Tensor, dict[str, float]]:

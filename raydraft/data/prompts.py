@@ -82,4 +82,8 @@ class PromptStream:
         return {"epoch": self.epoch, "cursor": self.cursor, "iteration": self.iteration}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor, self.iteration = state["epoch"], state["cursor"], state["iteration"]
+        self.epoch, self.cursor, self.iteration = (
+            state["epoch"],
+            state["cursor"],
+            state["iteration"],
+        )

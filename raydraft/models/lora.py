@@ -27,7 +27,9 @@ def add_lora(module: torch.nn.Module, cfg: LoraConfig, default_targets: Sequence
     module.requires_grad_(False)
     inject_adapter_in_model(peft_cfg, module)
     if not any(isinstance(m, BaseTunerLayer) for m in module.modules()):
-        raise ValueError(f"LoRA target_modules {targets} matched no layer of {type(module).__name__}")
+        raise ValueError(
+            f"LoRA target_modules {targets} matched no layer of {type(module).__name__}"
+        )
 
 
 def has_lora(module: torch.nn.Module) -> bool:
@@ -44,7 +46,9 @@ def load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     expected = set(get_peft_model_state_dict(module))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise KeyError(f"LoRA state does not match the adapter: missing {missing[:3]}, extra {extra[:3]}")
+        raise KeyError(
+            f"LoRA state does not match the adapter: missing {missing[:3]}, extra {extra[:3]}"
+        )
     with torch.no_grad():
         set_peft_model_state_dict(module, state)
 

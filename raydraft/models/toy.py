@@ -43,7 +43,9 @@ def byte_level_tokenizer() -> CLIPTokenizer:
     )
 
 
-def build_toy_components(seed: int = 0) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
+def build_toy_components(
+    seed: int = 0,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
     """Freshly initialised components (random weights), deterministic in `seed`."""
     torch.manual_seed(seed)
     tokenizer = byte_level_tokenizer()
@@ -95,7 +97,9 @@ class ToyPolicy:
     ) -> None:
         self.cfg = cfg
         self.dtype = getattr(torch, cfg.dtype)
-        self.unet = unet.to(cfg.device) if unet.dtype == self.dtype else unet.to(cfg.device, self.dtype)
+        self.unet = (
+            unet.to(cfg.device) if unet.dtype == self.dtype else unet.to(cfg.device, self.dtype)
+        )
         self.text_encoder = text_encoder.to(cfg.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.trainable = TrainableDenoiser(self.unet, cfg.lora, LORA_TARGETS, keep_reference)

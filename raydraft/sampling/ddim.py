@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 
 from raydraft.models.base import PredictionType
-from raydraft.sampling.flow import StepOutput, sample_and_score, as_batch_time
+from raydraft.sampling.flow import StepOutput, as_batch_time, sample_and_score
 
 
-def to_epsilon(model_output: torch.Tensor, x: torch.Tensor, alpha_bar, prediction_type: PredictionType):
+def to_epsilon(
+    model_output: torch.Tensor, x: torch.Tensor, alpha_bar, prediction_type: PredictionType
+):
     """(ε, x̂0) from an epsilon or v prediction (Salimans & Ho 2022 for v)."""
     a = as_batch_time(alpha_bar, x)
     out, xf = model_output.float(), x.float()

@@ -19,7 +19,9 @@ from raydraft.sampling.samplers import Sampler
 
 def derive_seed(seed: int, stream: int) -> int:
     """An independent 63-bit seed for stream `stream` of sample seed `seed`."""
-    return int(np.random.SeedSequence([int(seed) % 2**63, stream]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(seed) % 2**63, stream]).generate_state(2, np.uint64)[0] >> 1
+    )
 
 
 class StepNoise:
@@ -50,7 +52,9 @@ class DenoiseResult:
 def predict(policy: Policy, x, t: float, cond: Conditioning, guidance: float, checkpoint: bool):
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
     if checkpoint and torch.is_grad_enabled():
-        return activation_checkpoint(policy.predict, x, t_batch, cond, guidance, use_reentrant=False)
+        return activation_checkpoint(
+            policy.predict, x, t_batch, cond, guidance, use_reentrant=False
+        )
     return policy.predict(x, t_batch, cond, guidance)
 
 

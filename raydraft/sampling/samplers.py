@@ -146,10 +146,14 @@ def build_sampler(
     steps = num_steps or cfg.num_steps
     if prediction_type == "flow":
         if cfg.kind == "ddim":
-            raise ValueError("sampler.kind: ddim needs an epsilon/v model; this policy is a flow model")
+            raise ValueError(
+                "sampler.kind: ddim needs an epsilon/v model; this policy is a flow model"
+            )
         return FlowSampler(flow_sigmas(steps, cfg.shift), cfg.kind, cfg.noise_level)
     if cfg.kind != "ddim":
-        raise ValueError(f"sampler.kind: {cfg.kind} needs a flow model; this policy predicts {prediction_type}")
+        raise ValueError(
+            f"sampler.kind: {cfg.kind} needs a flow model; this policy predicts {prediction_type}"
+        )
     if ddim_scheduler is None:
         raise ValueError("a DDIM sampler needs the model's noise schedule (a DDIMScheduler)")
     eta = cfg.noise_level

@@ -1,0 +1,74 @@
+"""Config errors name their key; extends and overrides compose."""
+
+import pytest
+
+from raydraft.config import ConfigError, load_config
+
+
+def error_of(overrides, config="toy-flowgrpo") -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(config, overrides)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [
+        ("learner.lrr=1e-4", "learner.lrr"),
+        ("learner.lr=-1", "learner.lr"),
+        ("learner.lr=fast", "learner.lr"),
+        ("algorithm.clip_range=0", "algorithm.clip_range"),
+        ("algorithm.group_size=1", "algorithm.group_size"),
+        ("model.lora.rank=0", "model.lora.rank"),
+        ("sampler.kind=euler", "sampler.kind"),
+        ("algorithm.name=ppo", "algorithm"),
+    ],
+)
+def test_bad_values_fail_with_their_key_path(override, path):
+    assert f"\n  {path}" in error_of([override])
+
+
+def test_truncation_beyond_the_sampler_steps_is_rejected():
+    message = error_of(["algorithm.truncation_steps=9", "sampler.num_steps=8"], "toy-draft-k")
+    assert "truncation_steps=9" in message and "num_steps=8" in message
+
+
+def test_draft_lv_needs_k_equal_one():
+    assert "truncation_steps: 1" in error_of(["algorithm.truncation_steps=2"], "toy-draft-lv")
+
+
+def test_flow_grpo_needs_a_stochastic_sampler():
+    assert "stochastic sampler" in error_of(["sampler.kind=ode"])
+    assert "stochastic sampler" in error_of(["sampler.noise_level=0"])
+
+
+def test_extends_merges_and_a_new_algorithm_replaces_its_section():
+    cfg = load_config("toy-draft-lv")
+    assert cfg.name == "toy-draft-lv" and cfg.algorithm.lv_samples == 2
+    assert cfg.model.family == "toy" and cfg.rewards.components[0].name == "toy-color"
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: toy-flowgrpo\nname: child\nlearner: {lr: 1.0e-5}\n")
+    cfg = load_config(child, ["learner.betas=[0.8, 0.9]", "learner.max_grad_norm=null"])
+    assert cfg.name == "child" and cfg.learner.lr == 1e-5
+    assert cfg.learner.betas == (0.8, 0.9) and cfg.learner.max_grad_norm is None
+    assert cfg.algorithm.group_size == 8  # inherited
+
+
+def test_extends_cycle_and_missing_file_are_clear(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\n")
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+    with pytest.raises(ConfigError, match="no-such"):
+        load_config(tmp_path / "no-such.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config("toy-draft-k", ["learner.lr=2e-4"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
