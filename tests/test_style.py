@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
 def test_ruff(command):
-    ruff = shutil.which("ruff")
+    beside_python = Path(sys.executable).parent / "ruff"
+    ruff = str(beside_python) if beside_python.exists() else shutil.which("ruff")
     assert ruff, "ruff is part of the test extra: pip install -e '.[test]'"
     result = subprocess.run(
         [ruff, *command, "raydraft", "actors", "tests"], cwd=ROOT, capture_output=True, text=True
