@@ -59,14 +59,21 @@ class SamplerConfig(Section):
     sde_window_size: PositiveInt | None = None  # Flow-GRPO-Fast: SDE only inside a window
     sde_window_range: tuple[NonNegativeInt, PositiveInt] | None = None  # window start in [lo, hi)
 
+    def window_starts(self) -> tuple[int, int]:
+        """[lo, hi) for the SDE window's first step. The window never covers the last
+        step: it is deterministic for CPS (t_next = 0) and its tiny σ overflows the SDE's
+        log-prob (flow_grpo's timestep_fraction drops it too)."""
+        assert self.sde_window_size is not None
+        return self.sde_window_range or (0, self.num_steps - self.sde_window_size)
+
     @model_validator(mode="after")
     def _window(self) -> SamplerConfig:
         if self.sde_window_size is not None:
-            lo, hi = self.sde_window_range or (0, self.num_steps - self.sde_window_size + 1)
-            if not lo < hi or hi - 1 + self.sde_window_size > self.num_steps:
+            lo, hi = self.window_starts()
+            if not lo < hi or hi - 1 + self.sde_window_size > self.num_steps - 1:
                 raise ValueError(
                     f"sde_window_range {(lo, hi)} with sde_window_size {self.sde_window_size} "
-                    f"does not fit in num_steps={self.num_steps}"
+                    f"does not fit in the first num_steps - 1 = {self.num_steps - 1} steps"
                 )
         return self
 

@@ -132,3 +132,23 @@ def test_ddim_step_equals_diffusers_ddim_scheduler(prediction_type, eta):
             expected = gaussian_log_prob(ours.x_next, ours.mean, ours.std)
             torch.testing.assert_close(ours.log_prob, expected)
         x = theirs
+
+
+def test_sde_window_is_a_random_run_of_stochastic_steps_inside_its_range():
+    from raydraft.algorithms.flow_grpo import sde_window_mask
+    from raydraft.config import SamplerConfig
+
+    cfg = SamplerConfig(num_steps=10, sde_window_size=3, sde_window_range=(1, 4))
+    generator = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(200):
+        mask = sde_window_mask(cfg, 10, generator)
+        steps = mask.nonzero().flatten().tolist()
+        assert len(steps) == 3 and steps == list(range(steps[0], steps[0] + 3))
+        starts.add(steps[0])
+    assert starts == {1, 2, 3}
+    assert sde_window_mask(SamplerConfig(num_steps=10), 10, generator).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        SamplerConfig(num_steps=4, sde_window_size=3, sde_window_range=(0, 2))
+    with pytest.raises(ValueError, match="does not fit"):  # the default may not reach the last step
+        SamplerConfig(num_steps=3, sde_window_size=3)

@@ -31,6 +31,10 @@ def trainer(tmp_path, name, overrides, config="toy-flowgrpo") -> Trainer:
     [
         ("toy-flowgrpo", ["algorithm.kl_beta=0.1"]),
         ("toy-flowgrpo", ["model.lora.enabled=true", "algorithm.kl_beta=0.1"]),
+        (
+            "toy-flowgrpo",
+            ["sampler.kind=cps", "sampler.noise_level=0.8", "sampler.sde_window_size=1"],
+        ),
         ("toy-draft-k", []),
         ("toy-draft-lv", []),
         ("toy-draft-k", ["algorithm.truncation_steps=null", "algorithm.truncation_range=[1, 3]"]),
@@ -52,6 +56,20 @@ def test_one_step_of_each_algorithm_updates_only_trainable_weights(tmp_path, con
         assert torch.equal(v, text_before[k])
     if "kl_beta=0.1" in extra:
         assert metrics["kl_ref"] >= 0
+
+
+def test_flow_grpo_fast_trains_only_inside_the_sde_window(tmp_path):
+    t = trainer(tmp_path, "run", [*GRPO, "sampler.kind=cps", "sampler.sde_window_size=1"])
+    rollout = t.algorithm.rollout(t.policy, t.prompts.next_batch(), t.generator)
+    traj = rollout.trajectory
+    (window,) = traj.sde_mask.nonzero().flatten().tolist()
+    assert (traj.log_probs[:, window] != 0).all() and (
+        traj.log_probs.sum(1) == traj.log_probs[:, window]
+    ).all()
+    updates, _ = t.algorithm.plan_updates(
+        rollout, torch.rand(8), torch.ones(8, dtype=torch.bool), 4, 1, t.generator
+    )
+    assert {micro.step for step in updates for micro in step} == {window}
 
 
 def test_first_grpo_minibatch_is_exactly_on_policy(tmp_path):

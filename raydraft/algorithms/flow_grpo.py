@@ -67,7 +67,7 @@ def sde_window_mask(cfg: SamplerConfig, num_steps: int, generator: torch.Generat
     mask = torch.ones(num_steps, dtype=torch.bool)
     if cfg.sde_window_size is None:
         return mask
-    lo, hi = cfg.sde_window_range or (0, num_steps - cfg.sde_window_size + 1)
+    lo, hi = cfg.window_starts()
     start = int(torch.randint(lo, hi, (1,), generator=generator))
     mask[:] = False
     mask[start : start + cfg.sde_window_size] = True
