@@ -38,7 +38,7 @@ def build_algorithm(
             sampler,
             reward,
             guidance,
-            checkpoint=cfg.model.gradient_checkpointing,
+            checkpoint=cfg.algorithm.checkpoint_each_step,
             drop_bad_rewards=cfg.rewards.on_bad_reward == "drop",
         )
     return FlowGRPO(cfg.algorithm, sampler, cfg.sampler, guidance)

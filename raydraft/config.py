@@ -44,7 +44,7 @@ class ModelConfig(Section):
     path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # inside the denoiser, per block (any algorithm)
     negative_prompt: str = ""
     lora: LoraConfig = LoraConfig()
 
@@ -88,6 +88,8 @@ class DraftConfig(Section):
     truncation_range: tuple[PositiveInt, PositiveInt] | None = None
     lv_samples: NonNegativeInt = 0
     refl_stop_range: tuple[NonNegativeInt, PositiveInt] | None = None
+    # Activation checkpointing per model call (DRaFT's setting): memory flat in K.
+    checkpoint_each_step: bool = False
 
     @model_validator(mode="after")
     def _one_setting(self) -> DraftConfig:

@@ -2,9 +2,10 @@
 
 For K in {1, 2, T/2, T}: seconds per DRaFT-K update (no-grad prefix + K steps with
 gradients + decode + reward + backward) divided by seconds of no-grad sampling of the
-same batch, and the peak resident memory of the update with and without per-call
-gradient checkpointing. CPU has no resettable peak-memory counter, so every cell runs
-in a fresh process and reads its own `ru_maxrss`; all cells run in this one invocation.
+same batch, and the peak resident memory of the update with and without activation
+checkpointing per model call (`algorithm.checkpoint_each_step`). CPU has no resettable
+peak-memory counter, so every cell runs in a fresh process and reads its own
+`ru_maxrss`; all cells run in this one invocation.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def measure(config: str, batch: int, steps: int, k: int, checkpoint: bool, repea
         [
             f"sampler.num_steps={steps}",
             f"algorithm.truncation_steps={k}",
-            f"model.gradient_checkpointing={str(checkpoint).lower()}",
+            f"algorithm.checkpoint_each_step={str(checkpoint).lower()}",
         ],
     )
     policy = build_policy(cfg.model)
