@@ -22,7 +22,7 @@ from raydraft.models.base import Conditioning, initial_noise
 from raydraft.models.trainable import TrainableDenoiser
 
 IMAGE_SIZE = 32
-MAX_TOKENS = 32
+MAX_TOKENS = 16
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "toy-model"
 
@@ -34,21 +34,37 @@ def _byte_chars() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def byte_level_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer over single bytes (no merges): 514 tokens, any text encodes."""
+def word_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over bytes, plus merges that make each of `words` one token.
+
+    Any text still encodes (byte fallback); the shapes world's words become single
+    tokens, so a tiny text encoder need not learn to spell.
+    """
     chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(words)):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        prefix = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((prefix, piece))
+            prefix += piece
+            tokens.append(prefix)
+    tokens = [*dict.fromkeys(tokens), "<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=MAX_TOKENS
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=list(dict.fromkeys(merges)),
+        model_max_length=MAX_TOKENS,
     )
 
 
 def build_toy_components(
-    seed: int = 0,
+    seed: int = 0, words: Sequence[str] = ()
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
-    """Freshly initialised components (random weights), deterministic in `seed`."""
+    """Freshly initialised components (random weights), deterministic in `seed`;
+    `words` become single tokens (the shapes world's vocabulary)."""
     torch.manual_seed(seed)
-    tokenizer = byte_level_tokenizer()
+    tokenizer = word_tokenizer(words)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),

@@ -1,0 +1,1 @@
+"""The embedded default: the shapes world's pretrained model and reward, and their scripts."""

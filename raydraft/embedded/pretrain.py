@@ -1,0 +1,125 @@
+"""Pretrain the embedded toy model on the shapes world with rectified flow.
+
+Run once; the weights ship in `raydraft/assets/toy-model/`, so users never pay for it:
+
+    python -m raydraft.embedded.pretrain --minutes 30 --out raydraft/assets/toy-model
+
+x_t = (1 - t)·x0 + t·ε with t logit-normal, target v = ε - x0; AdamW 1e-3 with warm-up,
+gradient clipping 1.0, batch 64, EMA 0.999 (the EMA weights are saved). 10% of prompts are
+dropped to "" so classifier-free guidance is available. Training prompts come from the
+train split only; categories are sampled uniformly. The base is meant to stay imperfect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raydraft.config import LoraConfig, ModelConfig
+from raydraft.data.shapes import CATEGORIES, all_specs, sample_scenes, split_specs
+from raydraft.evaluation import evaluate
+from raydraft.models.toy import ToyPolicy, build_toy_components, save_toy_model
+from raydraft.sampling.flow import flow_sigmas
+from raydraft.sampling.samplers import FlowSampler
+
+CFG_DROPOUT = 0.1
+
+
+def vocabulary() -> list[str]:
+    return sorted({w for s in all_specs() for w in s.text.split()})
+
+
+class BatchSource:
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        train = split_specs("train")
+        self.by_category = {c: [s for s in train if s.category == c] for c in CATEGORIES}
+
+    def __call__(self, batch: int) -> tuple[torch.Tensor, list[str]]:
+        specs = []
+        for category in self.rng.choice(CATEGORIES, size=batch):
+            pool = self.by_category[category]
+            specs.append(pool[self.rng.integers(len(pool))])
+        seeds = self.rng.integers(0, 2**31, size=batch).tolist()
+        images = sample_scenes(specs, seeds) * 2 - 1
+        prompts = ["" if self.rng.random() < CFG_DROPOUT else s.text for s in specs]
+        return images, prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--out", default="raydraft/assets/toy-model")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every-min", type=float, default=5.0)
+    parser.add_argument("--snapshots", help="also save the EMA model at every evaluation here")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    unet, text_encoder, tokenizer = build_toy_components(args.seed, vocabulary())
+    text_encoder.train()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 200))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
+    source = BatchSource(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    cfg = ModelConfig(lora=LoraConfig(enabled=False))
+    sampler = FlowSampler(flow_sigmas(10), "ode")
+    log = []
+
+    start = last_eval = time.time()
+    step = 0
+    while time.time() - start < args.minutes * 60:
+        x0, prompts = source(args.batch)
+        ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
+        embeds = text_encoder(ids.input_ids).last_hidden_state
+        t = torch.sigmoid(torch.randn(args.batch, generator=generator))
+        eps = torch.randn(x0.shape, generator=generator)
+        tb = t.view(-1, 1, 1, 1)
+        xt = (1 - tb) * x0 + tb * eps
+        out = unet(F.pixel_unshuffle(xt, 2), t * 1000, encoder_hidden_states=embeds).sample
+        loss = F.mse_loss(F.pixel_shuffle(out, 2), eps - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        warmup.step()
+        with torch.no_grad():
+            for e, p in zip(ema_params, params, strict=True):
+                e.lerp_(p, 1 - 0.999)
+        step += 1
+        if time.time() - last_eval > args.eval_every_min * 60:
+            last_eval = time.time()
+            policy = ToyPolicy(copy.deepcopy(ema_unet), ema_text, tokenizer, cfg)
+            table = evaluate(policy, sampler, 1.0, per_category=16)
+            row = {
+                "minutes": round((last_eval - start) / 60, 1),
+                "step": step,
+                "loss": float(loss.detach()),
+                **{c: round(table[c]["strict"], 3) for c in table},
+            }
+            log.append(row)
+            print(json.dumps(row), flush=True)
+            if args.snapshots:
+                save_toy_model(
+                    Path(args.snapshots) / f"step-{step:06d}", ema_unet, ema_text, tokenizer
+                )
+    out = Path(args.out)
+    save_toy_model(out, ema_unet, ema_text, tokenizer)
+    (out / "pretrain_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
+    print(f"saved {out} after {step} steps", flush=True)
+
+
+if __name__ == "__main__":
+    main()
