@@ -44,6 +44,7 @@ class ModelConfig(Section):
     path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    resolution: PositiveInt | None = None  # pixels; None = the model's native size
     gradient_checkpointing: bool = False  # inside the denoiser, per block (any algorithm)
     negative_prompt: str = ""
     lora: LoraConfig = LoraConfig()
@@ -158,6 +159,9 @@ class CheckpointConfig(Section):
 class LoggingConfig(Section):
     sample_every: NonNegativeInt = 25  # 0: no sample grids
     progress_bar: bool = True
+    # Shapes world only: GenEval-style evaluation of the base and the final model,
+    # this many held-out samples per category (0: off).
+    eval_per_category: NonNegativeInt = 0
 
 
 class ExperimentConfig(Section):
@@ -176,6 +180,11 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentConfig:
+        if self.logging.eval_per_category and not self.data.prompts.startswith("shapes"):
+            raise ValueError(
+                "logging.eval_per_category evaluates on the shapes world: "
+                f"data.prompts must be a shapes-* set, not {self.data.prompts!r}"
+            )
         steps = self.sampler.num_steps
         algo = self.algorithm
         if isinstance(algo, DraftConfig):

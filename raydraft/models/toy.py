@@ -8,8 +8,7 @@ with a byte-level `CLIPTokenizer` built in memory (no vocabulary download).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, initial_noise
-from raydraft.models.trainable import TrainableDenoiser
+from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
 
 IMAGE_SIZE = 32
 MAX_TOKENS = 16
@@ -100,7 +99,7 @@ def save_toy_model(path: str | Path, unet, text_encoder, tokenizer) -> None:
     tokenizer.save_pretrained(path / "tokenizer")
 
 
-class ToyPolicy:
+class ToyPolicy(TrainableDelegate):
     prediction_type = "flow"
 
     def __init__(
@@ -111,6 +110,8 @@ class ToyPolicy:
         cfg: ModelConfig,
         keep_reference: bool = False,
     ) -> None:
+        if cfg.resolution not in (None, IMAGE_SIZE):
+            raise ValueError(f"model.resolution: the toy model is {IMAGE_SIZE}x{IMAGE_SIZE} only")
         self.cfg = cfg
         self.dtype = getattr(torch, cfg.dtype)
         self.unet = (
@@ -140,14 +141,6 @@ class ToyPolicy:
             cfg,
             keep_reference,
         )
-
-    @property
-    def version(self) -> int:
-        return self.trainable.version
-
-    @version.setter
-    def version(self, value: int) -> None:
-        self.trainable.version = value
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -187,23 +180,6 @@ class ToyPolicy:
 
     def initial_noise(self, seeds) -> torch.Tensor:
         return initial_noise(self.latent_shape, seeds, self.dtype).to(self.device)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return self.trainable.parameters()
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return self.trainable.state()
-
-    def load_trainable(self, state, version: int) -> None:
-        self.trainable.load(state, version)
-
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        with self.trainable.reference():
-            yield
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        self.trainable.set_gradient_checkpointing(enabled)
 
     def train(self, mode: bool = True) -> None:
         self.unet.train(mode)

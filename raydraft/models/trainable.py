@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -75,3 +75,32 @@ class TrainableDenoiser:
             self.module.enable_gradient_checkpointing()
         else:
             self.module.disable_gradient_checkpointing()
+
+
+class TrainableDelegate:
+    """The Policy methods that only forward to `self.trainable`, shared by every adapter."""
+
+    trainable: TrainableDenoiser
+
+    @property
+    def version(self) -> int:
+        return self.trainable.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self.trainable.version = value
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.trainable.parameters()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.trainable.state()
+
+    def load_trainable(self, state: dict[str, torch.Tensor], version: int) -> None:
+        self.trainable.load(state, version)
+
+    def reference(self) -> AbstractContextManager[None]:
+        return self.trainable.reference()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.trainable.set_gradient_checkpointing(enabled)

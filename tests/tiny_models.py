@@ -1,0 +1,144 @@
+"""Tiny random-weight models of the real diffusers/transformers classes, for offline tests.
+
+No download anywhere: tokenizers are built in memory, weights are random but seeded, so a
+build is the same every time and a save/load round trip is exact.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+CLIP_MAX_TOKENS = 16
+LATENT_CHANNELS = 16  # SD3's VAE
+SAMPLE_SIZE = 8  # latent side; the VAE halves the pixels, so 16×16 images
+JOINT_ATTENTION_DIM = 32  # T5 width; the two CLIP widths (8 + 16) are zero-padded up to it
+POOLED_DIM = 64  # CLIP-L projection 32 + CLIP-G projection 32
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's printable stand-in character for each of the 256 bytes."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """Byte-level CLIP BPE without merges: every text encodes, one token per byte."""
+    chars = _byte_chars()
+    tokens = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=CLIP_MAX_TOKENS
+    )
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """Unigram over characters and a few words, with T5's <pad>=0, </s>=1, <unk>=2 layout."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("▁" + w, -1.0) for w in ("a", "the", "of", "red", "blue", "cat", "dog")]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _clip(vocab_size: int, hidden: int, tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=POOLED_DIM // 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_TOKENS,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """An SD3.5-shaped pipeline (dual attention in block 0, RMS qk-norm) in about 200k weights."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=SAMPLE_SIZE,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=JOINT_ATTENTION_DIM,
+        caption_projection_dim=32,  # must equal heads × head_dim
+        pooled_projection_dim=POOLED_DIM,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
+        sample_size=2 * SAMPLE_SIZE,
+        scaling_factor=1.5305,  # SD3's
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    text_encoder = _clip(len(tokenizer), 8, tokenizer)
+    text_encoder_2 = _clip(len(tokenizer), 16, tokenizer)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=JOINT_ATTENTION_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def save_tiny_sd3(dirpath: str | Path, seed: int = 0) -> Path:
+    """A diffusers directory (model_index.json and one folder per component)."""
+    path = Path(dirpath)
+    build_tiny_sd3_pipeline(seed).save_pretrained(path)
+    return path
