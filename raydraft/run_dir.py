@@ -42,6 +42,18 @@ class RunDirectory:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
 
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+
+    def write_eval(self, report: dict[str, Any]) -> None:
+        (self.root / "eval.json").write_text(json.dumps(report, indent=1))
+
+    def read_eval(self) -> dict[str, Any]:
+        path = self.root / "eval.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def truncate_metrics(self, after_step: int) -> None:
         """Drop lines past a resumed checkpoint, so each step appears once."""
         if not self.metrics_path.exists():

@@ -22,12 +22,14 @@ from raydraft.checkpoint import list_checkpoints, load_checkpoint, save_checkpoi
 from raydraft.config import DraftConfig, ExperimentConfig
 from raydraft.data.prompts import PromptStream, load_prompts
 from raydraft.ema import EMA
+from raydraft.evaluation import evaluate, format_table
 from raydraft.models.base import Policy
+from raydraft.report import reward_curve
 from raydraft.rewards.base import score_or_drop
 from raydraft.rewards.registry import build_reward
 from raydraft.run_dir import RunDirectory
 from raydraft.sampling.loop import denoise
-from raydraft.sampling.samplers import build_sampler
+from raydraft.sampling.samplers import Sampler, build_sampler
 
 SAMPLE_GRID_SIZE = 8
 
@@ -129,8 +131,11 @@ class Trainer:
             total=total, initial=self.step, disable=not self.cfg.logging.progress_bar,
             desc=self.cfg.name, unit="it",
         )  # fmt: skip
+        evaluating = self.cfg.logging.eval_per_category > 0
         if self.step == 0:
             self.save_samples()
+            if evaluating:
+                self.run.write_eval({"base": self.evaluate(), "base_step": 0})
         try:
             while self.step < total:
                 metrics = self.train_step()
@@ -153,18 +158,46 @@ class Trainer:
         finally:
             bar.close()
         self.save_checkpoint()
+        self.save_reward_curve()
+        if evaluating:
+            report = self.run.read_eval()
+            report |= {"final": self.evaluate(), "final_step": self.step}
+            self.run.write_eval(report)
+            print(format_table({k: report[k] for k in ("base", "final") if k in report}))
         return history
+
+    def save_reward_curve(self) -> Path:
+        rows = self.run.read_metrics()
+        return reward_curve(
+            [r["step"] for r in rows],
+            [r.get("reward_mean", math.nan) for r in rows],
+            self.run.root / "reward_curve.png",
+            f"{self.cfg.name}: reward_mean ({self.reward.name})",
+        )
+
+    def _eval_sampler(self) -> Sampler:
+        """The deterministic sampler (ODE / DDIM eta 0) at the evaluation step count."""
+        kind = {"kind": "ode"} if self.policy.prediction_type == "flow" else {"noise_level": 0.0}
+        sampler_cfg = self.cfg.sampler.model_copy(update=kind)
+        return build_sampler(
+            sampler_cfg, self.policy.prediction_type, self.cfg.sampler.eval_num_steps
+        )
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """GenEval-style table on the held-out shapes prompts (EMA weights if kept)."""
+        self.policy.train(False)
+        with self.ema.applied() if self.ema else nullcontext():
+            return evaluate(
+                self.policy,
+                self._eval_sampler(),
+                self.cfg.sampler.guidance_scale,
+                self.cfg.logging.eval_per_category,
+            )
 
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """Deterministic ODE samples at the evaluation step count (EMA weights if kept)."""
-        policy = self.policy
-        sampler_cfg = self.cfg.sampler.model_copy(update={"kind": "ode"})
-        if policy.prediction_type != "flow":
-            sampler_cfg = self.cfg.sampler.model_copy(update={"noise_level": 0.0})
-        sampler = build_sampler(
-            sampler_cfg, policy.prediction_type, self.cfg.sampler.eval_num_steps
-        )
+        """Deterministic samples at the evaluation step count (EMA weights if kept)."""
+        policy, sampler = self.policy, self._eval_sampler()
         policy.train(False)
         with self.ema.applied() if self.ema else nullcontext():
             cond = policy.encode(prompts)

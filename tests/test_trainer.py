@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from raydraft.cli import main
-from raydraft.config import load_config
+from raydraft.config import ConfigError, load_config
+from raydraft.data.shapes import CATEGORIES
 from raydraft.trainer import Trainer
 
 SMALL = [
@@ -135,3 +136,26 @@ def test_train_command_writes_the_run_directory_contract(tmp_path, monkeypatch):
 def test_bad_config_exits_with_the_key_named(capsys):
     assert main(["train", "learner.lr=-1"]) == 2
     assert "learner.lr" in capsys.readouterr().err
+
+
+def test_shapes_run_evaluates_base_and_final_and_draws_the_reward_curve(tmp_path, capsys):
+    overrides = [
+        *GRPO,
+        "data.prompts=shapes-train",
+        "rewards.components=[{name: toy-geneval}]",
+        "logging.eval_per_category=2",
+    ]
+    t = trainer(tmp_path, "run", overrides)
+    t.fit(1)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["base_step"] == 0 and report["final_step"] == 1
+    for key in ("base", "final"):
+        assert set(report[key]) == {*CATEGORIES, "overall"}
+        assert all(0 <= v["strict"] <= v["clauses"] <= 1 for v in report[key].values())
+    assert "overall" in capsys.readouterr().out
+    assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 0
+
+
+def test_evaluation_is_only_for_the_shapes_world():
+    with pytest.raises(ConfigError, match=r"logging\.eval_per_category"):
+        load_config("toy-flowgrpo", ["data.prompts=toy-colors", "logging.eval_per_category=4"])
