@@ -42,4 +42,4 @@ def build_reward(cfg: RewardsConfig) -> CompositeReward:
 
 
 def _load_builtins() -> None:
-    from raydraft.rewards import builtin, shapes_checker  # noqa: F401  (register on import)
+    from raydraft.rewards import builtin, shapes_checker, shapes_clip  # noqa: F401  (register on import)
