@@ -47,6 +47,34 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    """GenEval-style table of the base model, and of a run's newest checkpoint if given."""
+    import json
+
+    from raydraft.build import build_policy
+    from raydraft.evaluation import evaluate as run_eval
+    from raydraft.evaluation import format_table
+    from raydraft.trainer import eval_sampler, load_for_inference
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    source = run_dir / "config.yaml" if run_dir else args.config
+    cfg = load_config(source, args.overrides)
+    per_category = args.per_category or cfg.logging.eval_per_category or 48
+    guidance = cfg.sampler.guidance_scale
+    policy = build_policy(cfg.model)
+    tables = {"base": run_eval(policy, eval_sampler(cfg, policy), guidance, per_category)}
+    report: dict = {"base": tables["base"], "base_step": 0, "per_category": per_category}
+    if run_dir:
+        step = load_for_inference(policy, run_dir)
+        tables[f"step {step}"] = run_eval(policy, eval_sampler(cfg, policy), guidance, per_category)
+        report |= {"final": tables[f"step {step}"], "final_step": step}
+        (run_dir / "eval.json").write_text(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(format_table(tables))
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     from raydraft.bench import BENCHES
 
@@ -69,6 +97,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--local", action="store_true", help="single-process trainer (no Ray)")
     p.set_defaults(func=train)
+
+    p = commands.add_parser("eval", help="GenEval-style accuracy on held-out shapes prompts")
+    p.add_argument("--run-dir", help="evaluate this run's newest checkpoint against the base")
+    p.add_argument("--config", help="config of the model to evaluate (default: toy-flowgrpo)")
+    p.add_argument("--per-category", type=int, help="held-out samples per category (default 48)")
+    p.add_argument("--out", help="also write the JSON report here")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.eval_num_steps=20")
+    p.set_defaults(func=evaluate)
 
     p = commands.add_parser("bench", help="run a benchmark and print its ratios")
     p.add_argument("name", help="benchmark name, e.g. draft-cost")

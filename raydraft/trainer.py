@@ -176,12 +176,7 @@ class Trainer:
         )
 
     def _eval_sampler(self) -> Sampler:
-        """The deterministic sampler (ODE / DDIM eta 0) at the evaluation step count."""
-        kind = {"kind": "ode"} if self.policy.prediction_type == "flow" else {"noise_level": 0.0}
-        sampler_cfg = self.cfg.sampler.model_copy(update=kind)
-        return build_sampler(
-            sampler_cfg, self.policy.prediction_type, self.cfg.sampler.eval_num_steps
-        )
+        return eval_sampler(self.cfg, self.policy)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """GenEval-style table on the held-out shapes prompts (EMA weights if kept)."""
@@ -245,6 +240,26 @@ class Trainer:
         self.step = state["step"]
         self.run.truncate_metrics(self.step)
         return self.step
+
+
+def eval_sampler(cfg: ExperimentConfig, policy: Policy) -> Sampler:
+    """The deterministic sampler (ODE / DDIM eta 0) at the evaluation step count."""
+    kind = {"kind": "ode"} if policy.prediction_type == "flow" else {"noise_level": 0.0}
+    sampler_cfg = cfg.sampler.model_copy(update=kind)
+    return build_sampler(sampler_cfg, policy.prediction_type, cfg.sampler.eval_num_steps)
+
+
+def load_for_inference(policy: Policy, run_dir: str | Path) -> int:
+    """The newest checkpoint's weights into `policy` (its EMA weights when it kept them)."""
+    tensors, _, state = load_checkpoint(_newest(Path(run_dir) / "checkpoints"))
+    policy.load_trainable(tensors["trainable"], state["policy_version"])
+    if "ema" in tensors:
+        ema = EMA(policy.trainable_parameters(), decay=0.5)
+        ema.load_state_dict(tensors["ema"])
+        with torch.no_grad():
+            for p, shadow in zip(ema.parameters, ema.shadow, strict=True):
+                p.copy_(shadow)
+    return state["step"]
 
 
 def _newest(root: Path) -> Path:

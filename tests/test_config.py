@@ -45,7 +45,8 @@ def test_flow_grpo_needs_a_stochastic_sampler():
 def test_extends_merges_and_a_new_algorithm_replaces_its_section():
     cfg = load_config("toy-draft-lv")
     assert cfg.name == "toy-draft-lv" and cfg.algorithm.lv_samples == 2
-    assert cfg.model.family == "toy" and cfg.rewards.components[0].name == "toy-color"
+    assert cfg.model.family == "toy" and cfg.rewards.components[0].name == "toy-clipscore"
+    assert cfg.sampler.kind == "ode"  # from toy-draft-k, which extends toy-flowgrpo
 
 
 def test_overrides_parse_yaml_values(tmp_path):

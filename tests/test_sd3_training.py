@@ -18,6 +18,9 @@ STEPS = [
     "checkpoint.every=0",
     "model.lora.enabled=true",
     "model.lora.rank=4",
+    "data.prompts=toy-colors",
+    "rewards.components=[{name: toy-color}]",
+    "logging.eval_per_category=0",
 ]
 
 

@@ -19,6 +19,7 @@ SMALL = [
     "logging.progress_bar=false",
     "logging.sample_every=0",
     "checkpoint.every=0",
+    "logging.eval_per_category=0",
 ]
 GRPO = ["algorithm.group_size=4", *SMALL]
 

@@ -9,8 +9,9 @@ regenerates the shipped weights wherever it runs.
 
 x_t = (1 - t)·x0 + t·ε with t logit-normal, target v = ε - x0; AdamW 1e-3 with warm-up,
 gradient clipping 1.0, batch 64, EMA 0.999 with warm-up (the EMA weights are saved).
-10% of prompts are dropped to "" so classifier-free guidance is available. Training prompts come from the
-train split only; categories are sampled uniformly. The base is meant to stay imperfect.
+10% of prompts are dropped to "" so classifier-free guidance is available. Training
+prompts come from the train split only; categories are sampled uniformly. The base is
+meant to stay imperfect.
 """
 
 from __future__ import annotations
