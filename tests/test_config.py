@@ -2,7 +2,7 @@
 
 import pytest
 
-from raydraft.config import ConfigError, load_config
+from raydraft.config import PACKAGE_CONFIGS, ConfigError, load_config
 
 
 def error_of(overrides, config="toy-flowgrpo") -> str:
@@ -73,3 +73,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path):
+    assert load_config(path).name == path.stem

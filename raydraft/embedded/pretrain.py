@@ -58,6 +58,21 @@ class BatchSource:
         return images, prompts
 
 
+RECORD = {"steps": 10, "guidance": 1.0, "per_category": 4}
+
+
+def record_base_eval(model_dir: Path) -> dict:
+    """Evaluate a saved model on a small fixed subset; tests check it reproduces."""
+    policy = ToyPolicy.from_pretrained(
+        ModelConfig(path=str(model_dir), lora=LoraConfig(enabled=False))
+    )
+    sampler = FlowSampler(flow_sigmas(RECORD["steps"]), "ode")
+    table = evaluate(policy, sampler, RECORD["guidance"], RECORD["per_category"])
+    record = {**RECORD, "table": table}
+    (model_dir / "base_eval.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=3000)
@@ -67,7 +82,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations")
     parser.add_argument("--snapshots", help="also save the EMA model at every evaluation here")
+    parser.add_argument("--record-eval", metavar="MODEL_DIR", help="only write base_eval.json")
     args = parser.parse_args()
+    if args.record_eval:
+        print(json.dumps(record_base_eval(Path(args.record_eval))["table"]["overall"]))
+        return
 
     torch.manual_seed(args.seed)
     unet, text_encoder, tokenizer = build_toy_components(args.seed, vocabulary())
@@ -123,6 +142,7 @@ def main() -> None:
     out = Path(args.out)
     save_toy_model(out, ema_unet, ema_text, tokenizer)
     (out / "pretrain_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
+    record_base_eval(out)
     print(f"saved {out} after {step} steps", flush=True)
 
 

@@ -125,15 +125,13 @@ class ToyPolicy(TrainableDelegate):
 
     @classmethod
     def from_pretrained(cls, cfg: ModelConfig, keep_reference: bool = False) -> ToyPolicy:
-        """Load `cfg.path` (or the shipped model); without either, a random initialisation."""
+        """Load `cfg.path`, or the pretrained model shipped with the package."""
         path = Path(cfg.path) if cfg.path else SHIPPED_MODEL
         if not (path / "unet").is_dir():
-            if cfg.path:
-                raise FileNotFoundError(
-                    f"model.path {cfg.path!r}: no toy model there (expected unet/, "
-                    "text_encoder/ and tokenizer/ written by raydraft.models.toy.save_toy_model)"
-                )
-            return cls(*build_toy_components(), cfg, keep_reference)
+            raise FileNotFoundError(
+                f"model.path {str(path)!r}: no toy model there (expected unet/, text_encoder/ "
+                "and tokenizer/; `python -m raydraft.embedded.pretrain` writes them)"
+            )
         return cls(
             UNet2DConditionModel.from_pretrained(path / "unet"),
             CLIPTextModel.from_pretrained(path / "text_encoder"),
