@@ -175,16 +175,13 @@ class Trainer:
             f"{self.cfg.name}: reward_mean ({self.reward.name})",
         )
 
-    def _eval_sampler(self) -> Sampler:
-        return eval_sampler(self.cfg, self.policy)
-
     def evaluate(self) -> dict[str, dict[str, float]]:
         """GenEval-style table on the held-out shapes prompts (EMA weights if kept)."""
         self.policy.train(False)
         with self.ema.applied() if self.ema else nullcontext():
             return evaluate(
                 self.policy,
-                self._eval_sampler(),
+                eval_sampler(self.cfg, self.policy),
                 self.cfg.sampler.guidance_scale,
                 self.cfg.logging.eval_per_category,
             )
@@ -192,7 +189,7 @@ class Trainer:
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Deterministic samples at the evaluation step count (EMA weights if kept)."""
-        policy, sampler = self.policy, self._eval_sampler()
+        policy, sampler = self.policy, eval_sampler(self.cfg, self.policy)
         policy.train(False)
         with self.ema.applied() if self.ema else nullcontext():
             cond = policy.encode(prompts)
