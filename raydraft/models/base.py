@@ -7,7 +7,7 @@ methods; the Ray layer ships `trainable_state()` between processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Protocol, runtime_checkable
@@ -55,12 +55,6 @@ class Conditioning:
     def tile(self, times: int) -> Conditioning:
         """The whole batch `times` times over (rows i, i + B, ... share a prompt)."""
         return self._map(lambda t: t.repeat(times, *[1] * (t.dim() - 1)))
-
-    def to(self, device: torch.device | str) -> Conditioning:
-        return self._map(lambda t: t.to(device))
-
-    def detach(self) -> Conditioning:
-        return self._map(lambda t: t.detach())
 
 
 @runtime_checkable
@@ -129,7 +123,3 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype
         for s in seeds
     ]
     return torch.cat(rows)
-
-
-def trainable_named_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    return ((n, p) for n, p in module.named_parameters() if p.requires_grad)

@@ -32,10 +32,6 @@ def add_lora(module: torch.nn.Module, cfg: LoraConfig, default_targets: Sequence
         )
 
 
-def has_lora(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
-
-
 def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights (about 1% of the model), detached copies."""
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}

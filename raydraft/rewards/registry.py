@@ -22,11 +22,6 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
     return add
 
 
-def available_rewards() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
 def make_reward(name: str, options: dict[str, Any] | None = None) -> Reward:
     _load_builtins()
     if name not in _REGISTRY:

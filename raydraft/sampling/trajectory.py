@@ -32,10 +32,6 @@ class Trajectory:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    @property
-    def final_latents(self) -> torch.Tensor:
-        return self.latents[:, -1]
-
     def select(self, index: torch.Tensor) -> Trajectory:
         index = torch.as_tensor(index, dtype=torch.long)
         return replace(
