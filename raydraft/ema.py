@@ -19,13 +19,16 @@ class EMA:
         for shadow, p in zip(self.shadow, self.parameters, strict=True):
             shadow.lerp_(p.detach(), 1 - self.decay)
 
+    @torch.no_grad()
+    def copy_to_parameters(self) -> None:
+        for p, shadow in zip(self.parameters, self.shadow, strict=True):
+            p.copy_(shadow)
+
     @contextmanager
     def applied(self) -> Iterator[None]:
         """The EMA weights in place of the live ones, restored on exit."""
         live = [p.detach().clone() for p in self.parameters]
-        with torch.no_grad():
-            for p, shadow in zip(self.parameters, self.shadow, strict=True):
-                p.copy_(shadow)
+        self.copy_to_parameters()
         try:
             yield
         finally:

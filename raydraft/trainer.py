@@ -253,9 +253,7 @@ def load_for_inference(policy: Policy, run_dir: str | Path) -> int:
     if "ema" in tensors:
         ema = EMA(policy.trainable_parameters(), decay=0.5)
         ema.load_state_dict(tensors["ema"])
-        with torch.no_grad():
-            for p, shadow in zip(ema.parameters, ema.shadow, strict=True):
-                p.copy_(shadow)
+        ema.copy_to_parameters()
     return state["step"]
 
 

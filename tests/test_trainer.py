@@ -6,10 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raydraft.build import build_policy
 from raydraft.cli import main
 from raydraft.config import ConfigError, load_config
 from raydraft.data.shapes import CATEGORIES
-from raydraft.trainer import Trainer
+from raydraft.trainer import Trainer, load_for_inference
 
 SMALL = [
     "sampler.num_steps=3",
@@ -160,3 +161,19 @@ def test_shapes_run_evaluates_base_and_final_and_draws_the_reward_curve(tmp_path
 def test_evaluation_is_only_for_the_shapes_world():
     with pytest.raises(ConfigError, match=r"logging\.eval_per_category"):
         load_config("toy-flowgrpo", ["data.prompts=toy-colors", "logging.eval_per_category=4"])
+
+
+def test_eval_command_scores_a_runs_ema_weights_against_the_base(tmp_path, capsys):
+    overrides = [*GRPO, "data.prompts=shapes-train", "rewards.components=[{name: toy-geneval}]"]
+    t = trainer(tmp_path, "run", [*overrides, "learner.ema_decay=0.5"])
+    t.fit(1)
+    assert main(["eval", "--run-dir", str(tmp_path / "run"), "--per-category", "1"]) == 0
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["final_step"] == 1 and report["per_category"] == 1
+    assert "step 1" in capsys.readouterr().out
+    policy = build_policy(t.cfg.model)
+    load_for_inference(policy, tmp_path / "run")
+    shadows = t.ema.shadow
+    assert any(not torch.equal(s, p) for s, p in zip(shadows, t.params, strict=True))
+    for p, shadow in zip(policy.trainable_parameters(), shadows, strict=True):
+        assert torch.equal(p, shadow)
