@@ -62,11 +62,12 @@ def evaluate(args: argparse.Namespace) -> int:
     per_category = args.per_category or cfg.logging.eval_per_category or 48
     guidance = cfg.sampler.guidance_scale
     policy = build_policy(cfg.model)
-    tables = {"base": run_eval(policy, eval_sampler(cfg, policy), guidance, per_category)}
+    sampler = eval_sampler(cfg, policy)
+    tables = {"base": run_eval(policy, sampler, guidance, per_category)}
     report: dict = {"base": tables["base"], "base_step": 0, "per_category": per_category}
     if run_dir:
         step = load_for_inference(policy, run_dir)
-        tables[f"step {step}"] = run_eval(policy, eval_sampler(cfg, policy), guidance, per_category)
+        tables[f"step {step}"] = run_eval(policy, sampler, guidance, per_category)
         report |= {"final": tables[f"step {step}"], "final_step": step}
         (run_dir / "eval.json").write_text(json.dumps(report, indent=1))
     if args.out:

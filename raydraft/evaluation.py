@@ -11,6 +11,7 @@ import torch
 
 from raydraft.data.shapes import CATEGORIES, split_specs
 from raydraft.models.base import Policy
+from raydraft.rewards.base import to_uint8_hwc
 from raydraft.rewards.shapes_checker import check
 from raydraft.sampling.loop import denoise
 from raydraft.sampling.samplers import Sampler
@@ -48,8 +49,8 @@ def evaluate(
         cond = policy.encode(prompts)
         x = policy.initial_noise([s for _, _, s in chunk])
         x = denoise(policy, cond, x, sampler, range(sampler.num_steps), guidance).x
-        images = policy.decode(x).clamp(0, 1).permute(0, 2, 3, 1).mul(255).round().byte().cpu()
-        for (category, prompt, _), image in zip(chunk, images.numpy(), strict=True):
+        images = to_uint8_hwc(policy.decode(x))
+        for (category, prompt, _), image in zip(chunk, images, strict=True):
             results[category].append(check(image, prompt))
     table = {
         c: {

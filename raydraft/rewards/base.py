@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -28,6 +29,12 @@ class Reward(Protocol):
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
     ) -> torch.Tensor: ...
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """NCHW floats in [0, 1] -> NHWC uint8, the pixels a black-box reward (or a PNG) sees."""
+    pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _check_shape(name: str, scores: Any, batch: int) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from raydraft.rewards.base import to_uint8_hwc
 from raydraft.rewards.registry import register_reward
 
 
@@ -40,10 +41,8 @@ class JpegCompressibility:
         self.quality = quality
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
-        pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-        arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
         sizes = []
-        for array in arrays:
+        for array in to_uint8_hwc(images):
             buffer = io.BytesIO()
             Image.fromarray(np.ascontiguousarray(array)).save(buffer, "JPEG", quality=self.quality)
             sizes.append(buffer.tell() / 1000)

@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 
 from raydraft.data.shapes import COLORS, PromptSpec, spec_for_prompt
+from raydraft.rewards.base import to_uint8_hwc
 from raydraft.rewards.registry import register_reward
 
 MIN_AREA = 10
@@ -112,8 +113,6 @@ class ShapesChecker:
         self.strict = strict
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
-        arrays = (
-            (images.detach().clamp(0, 1).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
-        )
+        arrays = to_uint8_hwc(images)
         results = [check(a, p) for a, p in zip(arrays, prompts, strict=True)]
         return torch.tensor([float(s) if self.strict else f for f, s in results])
