@@ -1,18 +1,19 @@
-"""The single-process training loop: debugging, exact-resume tests and the speed baseline.
+"""The training loop and its run directory: progress, metrics, samples, evaluation,
+checkpoints and exact resume.
 
-One iteration: a prompt batch -> `algorithm.rollout` (no grad) -> rewards (black-box
-algorithms) -> `algorithm.plan_updates` -> for each optimizer step, the mean of
-`algorithm.loss` over its micro-batches, gradient clipping, AdamW, EMA. The Ray
-controller drives the same objects across processes.
+An engine runs the iterations: `LocalEngine` does both halves (`rollout.generate`, then
+`Learner.update`) in this process, for debugging and as the speed baseline;
+`actors.engine.RayEngine` drives rollout workers, reward deployments and learner actors
+and presents the same interface, so this loop is the same for both.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -23,10 +24,11 @@ from raydraft.config import DraftConfig, ExperimentConfig
 from raydraft.data.prompts import PromptStream, load_prompts
 from raydraft.ema import EMA
 from raydraft.evaluation import evaluate, format_table
+from raydraft.learner import Learner
 from raydraft.models.base import Policy
 from raydraft.report import reward_curve
-from raydraft.rewards.base import score_or_drop
 from raydraft.rewards.registry import build_reward
+from raydraft.rollout import RolloutResult, generate
 from raydraft.run_dir import RunDirectory
 from raydraft.sampling.loop import denoise
 from raydraft.sampling.samplers import Sampler, build_sampler
@@ -34,92 +36,93 @@ from raydraft.sampling.samplers import Sampler, build_sampler
 SAMPLE_GRID_SIZE = 8
 
 
+class Engine(Protocol):
+    """What the loop needs from whatever runs the iterations."""
+
+    policy: Policy  # a local policy for sample grids and evaluation
+
+    def iterate(self) -> tuple[RolloutResult, dict[str, float]]:
+        """Sample, score and train one iteration: (its rollout, the update's metrics)."""
+        ...
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(tensors, optimizer state, JSON state) of everything a resume needs."""
+        ...
+
+    def load_state(
+        self, tensors: dict[str, Any], optimizer: dict[str, Any], state: dict[str, Any]
+    ) -> None: ...
+
+    def inference_weights(self) -> AbstractContextManager[None]:
+        """Within this context `policy` holds the newest weights (EMA ones if kept)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalEngine:
+    """Both halves of every iteration in this process."""
+
+    def __init__(self, cfg: ExperimentConfig, policy: Policy | None = None) -> None:
+        self.cfg = cfg
+        self.policy = policy or build_policy(cfg.model, needs_reference(cfg))
+        self.reward = build_reward(cfg.rewards)
+        self.algorithm = build_algorithm(cfg, self.policy, self.reward)
+        self.prompts = prompt_stream(cfg)
+        self.learner = Learner(cfg, self.policy, self.algorithm)
+
+    def iterate(self) -> tuple[RolloutResult, dict[str, float]]:
+        batch = self.prompts.next_batch()
+        drop = self.cfg.rewards.on_bad_reward == "drop"
+        result = generate(self.algorithm, self.policy, self.reward, batch, self.cfg.seed, drop)
+        return result, self.learner.update(result)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        tensors, optimizer = self.learner.state()
+        state = {"prompts": self.prompts.state_dict(), "policy_version": self.policy.version}
+        return tensors, optimizer, state
+
+    def load_state(
+        self, tensors: dict[str, Any], optimizer: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        self.learner.load_state(tensors, optimizer, state["policy_version"])
+        self.prompts.load_state_dict(state["prompts"])
+
+    def inference_weights(self) -> AbstractContextManager[None]:
+        return self.learner.ema.applied() if self.learner.ema else nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, policy: Policy | None = None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | Path,
+        policy: Policy | None = None,
+        engine: Engine | None = None,
+    ) -> None:
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.run = RunDirectory(run_dir)
         self.run.write_config(cfg.to_yaml())
-        self.policy = policy or build_policy(cfg.model, needs_reference(cfg))
-        self.reward = build_reward(cfg.rewards)
-        self.algorithm = build_algorithm(cfg, self.policy, self.reward)
-        group_size = 1 if isinstance(cfg.algorithm, DraftConfig) else cfg.algorithm.group_size
+        self.engine = engine or LocalEngine(cfg, policy)
         prompts = load_prompts(cfg.data.prompts)
-        self.prompts = PromptStream(
-            prompts, cfg.data.prompts_per_step, group_size, cfg.seed, cfg.data.shuffle
-        )
         self.sample_prompts = [prompts[i % len(prompts)] for i in range(SAMPLE_GRID_SIZE)]
-        self.params = self.policy.trainable_parameters()
-        learner = cfg.learner
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=learner.lr, betas=learner.betas, weight_decay=learner.weight_decay
-        )
-        self.ema = EMA(self.params, learner.ema_decay) if learner.ema_decay else None
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+
+    @property
+    def policy(self) -> Policy:
+        return self.engine.policy
 
     # -- one iteration ---------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
-        cfg, algorithm, policy = self.cfg, self.algorithm, self.policy
         start = time.perf_counter()
-        batch = self.prompts.next_batch()
-        policy.train(False)
-        rollout = algorithm.rollout(policy, batch, self.generator)
-        rollout_s = time.perf_counter() - start
-        stats: dict[str, list[float]] = defaultdict(list)
-        if algorithm.scores_rollouts:
-            traj = rollout.trajectory
-            rewards, valid = score_or_drop(
-                self.reward, traj.images, traj.prompts, batch.metadata,
-                cfg.rewards.on_bad_reward == "drop",
-            )  # fmt: skip
-            updates, plan_stats = algorithm.plan_updates(
-                rollout, rewards, valid, cfg.learner.minibatch_size,
-                cfg.learner.grad_accum_steps, self.generator,
-            )  # fmt: skip
-            kept = rewards[valid]
-            stats["reward_mean"].append(float(kept.mean()) if kept.numel() else math.nan)
-            stats["reward_std"].append(float(kept.std()) if kept.numel() > 1 else 0.0)
-            self._log_rollouts(traj.records(), rewards, valid)
-        else:
-            updates, plan_stats = algorithm.plan_updates(
-                rollout, cfg.learner.minibatch_size, cfg.learner.grad_accum_steps
-            )
-        update_start = time.perf_counter()
-        policy.train(True)
-        for micro_batches in updates:
-            self.optimizer.zero_grad(set_to_none=True)
-            for micro in micro_batches:
-                loss, loss_stats = algorithm.loss(policy, micro)
-                (loss / len(micro_batches)).backward()
-                for key, value in loss_stats.items():
-                    stats[key].append(value)
-            max_norm = cfg.learner.max_grad_norm or math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-            stats["grad_norm"].append(float(grad_norm))
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update()
+        result, update = self.engine.iterate()
         self.step += 1
-        policy.version = self.step
-        now = time.perf_counter()
-        metrics = {key: sum(v) / len(v) for key, v in stats.items()}
-        metrics |= plan_stats
-        metrics |= {
-            "step": self.step,
-            "policy_version": policy.version,
-            "images_per_s": len(batch) / (now - start),
-            "optimizer_steps": len(updates),
-            "time_rollout_s": rollout_s,
-            "time_update_s": now - update_start,
-            "time_step_s": now - start,
-        }
-        return metrics
-
-    def _log_rollouts(self, records, rewards: torch.Tensor, valid: torch.Tensor) -> None:
-        for record, reward, ok in zip(records, rewards.tolist(), valid.tolist(), strict=True):
-            record.update(step=self.step + 1, reward=reward if ok else None)
-        self.run.add_rollouts(records)
+        self.run.add_rollouts([r | {"step": self.step} for r in result.records])
+        return iteration_metrics(result, update, self.step, start)
 
     # -- the loop --------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> list[dict[str, float]]:
@@ -168,17 +171,18 @@ class Trainer:
 
     def save_reward_curve(self) -> Path:
         rows = self.run.read_metrics()
+        reward = "+".join(c.name for c in self.cfg.rewards.components)
         return reward_curve(
             [r["step"] for r in rows],
             [r.get("reward_mean", math.nan) for r in rows],
             self.run.root / "reward_curve.png",
-            f"{self.cfg.name}: reward_mean ({self.reward.name})",
+            f"{self.cfg.name}: reward_mean ({reward})",
         )
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """GenEval-style table on the held-out shapes prompts (EMA weights if kept)."""
         self.policy.train(False)
-        with self.ema.applied() if self.ema else nullcontext():
+        with self.engine.inference_weights():
             return evaluate(
                 self.policy,
                 eval_sampler(self.cfg, self.policy),
@@ -191,7 +195,7 @@ class Trainer:
         """Deterministic samples at the evaluation step count (EMA weights if kept)."""
         policy, sampler = self.policy, eval_sampler(self.cfg, self.policy)
         policy.train(False)
-        with self.ema.applied() if self.ema else nullcontext():
+        with self.engine.inference_weights():
             cond = policy.encode(prompts)
             x = policy.initial_noise(seeds)
             steps = range(sampler.num_steps)
@@ -207,19 +211,11 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         self.run.flush_rollouts()
-        tensors = {
-            "trainable": self.policy.trainable_state(),
-            "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
-        }
-        if self.ema is not None:
-            tensors["ema"] = self.ema.state_dict()
-        state = {
-            "step": self.step,
-            "policy_version": self.policy.version,
-            "prompts": self.prompts.state_dict(),
-        }
+        tensors, optimizer, state = self.engine.state()
+        tensors["rng"] = {"torch": torch.get_rng_state()}
+        state["step"] = self.step
         return save_checkpoint(
-            self.run.checkpoints, self.step, tensors, self.optimizer.state_dict(), state,
+            self.run.checkpoints, self.step, tensors, optimizer, state,
             self.cfg.checkpoint.keep,
         )  # fmt: skip
 
@@ -227,16 +223,37 @@ class Trainer:
         """Restore the newest checkpoint of this run (or `checkpoint`); returns its step."""
         path = Path(checkpoint) if checkpoint else _newest(self.run.checkpoints)
         tensors, optimizer, state = load_checkpoint(path)
-        self.policy.load_trainable(tensors["trainable"], state["policy_version"])
-        self.optimizer.load_state_dict(optimizer)
-        if self.ema is not None:
-            self.ema.load_state_dict(tensors["ema"])
-        self.generator.set_state(tensors["rng"]["generator"])
+        self.engine.load_state(tensors, optimizer, state)
         torch.set_rng_state(tensors["rng"]["torch"])
-        self.prompts.load_state_dict(state["prompts"])
         self.step = state["step"]
         self.run.truncate_metrics(self.step)
         return self.step
+
+
+def prompt_stream(cfg: ExperimentConfig) -> PromptStream:
+    group_size = 1 if isinstance(cfg.algorithm, DraftConfig) else cfg.algorithm.group_size
+    return PromptStream(
+        load_prompts(cfg.data.prompts), cfg.data.prompts_per_step, group_size, cfg.seed,
+        cfg.data.shuffle,
+    )  # fmt: skip
+
+
+def iteration_metrics(
+    result: RolloutResult, update: dict[str, float], step: int, start: float
+) -> dict[str, float]:
+    """One metrics.jsonl row: the update's statistics and the iteration's timings."""
+    now = time.perf_counter()
+    return (
+        update
+        | result.reward_stats()
+        | {
+            "step": step,
+            "images_per_s": len(result) / (now - start),
+            "time_rollout_s": result.seconds.get("rollout", 0.0),
+            "time_reward_s": result.seconds.get("reward", 0.0),
+            "time_step_s": now - start,
+        }
+    )
 
 
 def eval_sampler(cfg: ExperimentConfig, policy: Policy) -> Sampler:

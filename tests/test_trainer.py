@@ -63,14 +63,15 @@ def test_one_step_of_each_algorithm_updates_only_trainable_weights(tmp_path, con
 
 def test_flow_grpo_fast_trains_only_inside_the_sde_window(tmp_path):
     t = trainer(tmp_path, "run", [*GRPO, "sampler.kind=cps", "sampler.sde_window_size=1"])
-    rollout = t.algorithm.rollout(t.policy, t.prompts.next_batch(), t.generator)
+    engine, generator = t.engine, torch.Generator().manual_seed(0)
+    rollout = engine.algorithm.rollout(t.policy, engine.prompts.next_batch(), generator)
     traj = rollout.trajectory
     (window,) = traj.sde_mask.nonzero().flatten().tolist()
     assert (traj.log_probs[:, window] != 0).all() and (
         traj.log_probs.sum(1) == traj.log_probs[:, window]
     ).all()
-    updates, _ = t.algorithm.plan_updates(
-        rollout, torch.rand(8), torch.ones(8, dtype=torch.bool), 4, 1, t.generator
+    updates, _ = engine.algorithm.plan_updates(
+        rollout, torch.rand(8), torch.ones(8, dtype=torch.bool), 4, 1, generator
     )
     assert {micro.step for step in updates for micro in step} == {window}
 
@@ -101,7 +102,9 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, config):
     assert [[m[k] for k in keys] for m in head + tail] == [[m[k] for k in keys] for m in expected]
     for name, value in straight.policy.trainable_state().items():
         assert torch.equal(value, second.policy.trainable_state()[name]), name
-    for a, b in zip(straight.ema.shadow, second.ema.shadow, strict=True):
+    for a, b in zip(
+        straight.engine.learner.ema.shadow, second.engine.learner.ema.shadow, strict=True
+    ):
         assert torch.equal(a, b)
     steps = [
         json.loads(line)["step"]
@@ -173,7 +176,7 @@ def test_eval_command_scores_a_runs_ema_weights_against_the_base(tmp_path, capsy
     assert "step 1" in capsys.readouterr().out
     policy = build_policy(t.cfg.model)
     load_for_inference(policy, tmp_path / "run")
-    shadows = t.ema.shadow
-    assert any(not torch.equal(s, p) for s, p in zip(shadows, t.params, strict=True))
+    shadows, params = t.engine.learner.ema.shadow, t.engine.learner.params
+    assert any(not torch.equal(s, p) for s, p in zip(shadows, params, strict=True))
     for p, shadow in zip(policy.trainable_parameters(), shadows, strict=True):
         assert torch.equal(p, shadow)

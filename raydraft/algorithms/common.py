@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+ROLLOUT_STREAM = 0  # the iteration's rollout choices (SDE window, DRaFT truncation)
+UPDATE_STREAM = 1  # the iteration's minibatch shuffling
 
 
 @dataclass
@@ -15,9 +19,36 @@ class PromptBatch:
     prompt_ids: torch.Tensor  # (B,) int64
     seeds: torch.Tensor  # (B,) int64
     metadata: list[dict]
+    iteration: int = 0
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def select(self, index: torch.Tensor) -> PromptBatch:
+        rows = index.tolist()
+        return PromptBatch(
+            prompts=[self.prompts[i] for i in rows],
+            prompt_ids=self.prompt_ids[index],
+            seeds=self.seeds[index],
+            metadata=[self.metadata[i] for i in rows],
+            iteration=self.iteration,
+        )
+
+    def split(self, parts: int) -> list[PromptBatch]:
+        """At most `parts` batches of whole groups (runs of one prompt id), in order."""
+        ids = self.prompt_ids
+        starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+        bounds = [*starts, len(ids)]
+        runs = [torch.arange(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+        chunks = np.array_split(np.arange(len(runs)), min(parts, len(runs)))
+        return [self.select(torch.cat([runs[i] for i in chunk])) for chunk in chunks]
+
+
+def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:
+    """The generator for one purpose of one iteration: wherever an iteration runs (this
+    process, a rollout worker, a learner rank, a resumed run) it draws the same numbers."""
+    state = np.random.SeedSequence([int(seed) % 2**63, iteration, stream]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 def split_minibatches(

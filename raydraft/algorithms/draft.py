@@ -51,6 +51,21 @@ class DraftBatch:
             lv_noise=None if self.lv_noise is None else self.lv_noise[index],
         )
 
+    @classmethod
+    def concat(cls, parts: list[DraftBatch]) -> DraftBatch:
+        """Batches of one iteration (same plan) gathered from rollout workers."""
+        first = parts[0]
+        if any((p.start, p.mode) != (first.start, first.mode) for p in parts):
+            raise ValueError("DRaFT batches of one iteration must share their plan")
+        return replace(
+            first,
+            prompts=[x for p in parts for x in p.prompts],
+            metadata=[x for p in parts for x in p.metadata],
+            cond=Conditioning.concat([p.cond for p in parts]),
+            x_start=torch.cat([p.x_start for p in parts]),
+            lv_noise=None if first.lv_noise is None else torch.cat([p.lv_noise for p in parts]),
+        )
+
 
 class DRaFT:
     scores_rollouts = False  # the reward is part of the loss

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -85,12 +85,36 @@ class GRPOBatch:
     advantages: torch.Tensor  # (b,)
     step: int
 
+    def __len__(self) -> int:
+        return len(self.advantages)
+
+    def select(self, index: torch.Tensor) -> GRPOBatch:
+        return replace(
+            self,
+            cond=self.cond.select(index),
+            x=self.x[index],
+            x_next=self.x_next[index],
+            old_log_prob=self.old_log_prob[index],
+            advantages=self.advantages[index],
+        )
+
 
 @dataclass
 class GRPORollout:
     trajectory: Trajectory
     cond: Conditioning
     metadata: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.trajectory)
+
+    @classmethod
+    def concat(cls, parts: list[GRPORollout]) -> GRPORollout:
+        return cls(
+            Trajectory.concat([p.trajectory for p in parts]),
+            Conditioning.concat([p.cond for p in parts]),
+            [m for p in parts for m in p.metadata],
+        )
 
 
 class FlowGRPO:

@@ -79,6 +79,7 @@ class PromptStream:
             prompt_ids=torch.tensor(rows, dtype=torch.long),
             seeds=torch.tensor(seeds.astype(np.int64) >> 1, dtype=torch.long),
             metadata=[{} for _ in rows],
+            iteration=self.iteration - 1,
         )
 
     def state_dict(self) -> dict[str, int]:

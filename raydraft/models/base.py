@@ -52,6 +52,18 @@ class Conditioning:
         """Each row `repeats` times in a row (a prompt's group of samples)."""
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    @classmethod
+    def concat(cls, parts: Sequence[Conditioning]) -> Conditioning:
+        """The batches of `parts` one after another (rollouts gathered from workers)."""
+        first = parts[0]
+        changes = {
+            f.name: torch.cat([getattr(p, f.name) for p in parts])
+            for f in fields(first)
+            if f.name != "extra" and getattr(first, f.name) is not None
+        }
+        extra = {k: torch.cat([p.extra[k] for p in parts]) for k in first.extra}
+        return replace(first, **changes, extra=extra)
+
     def tile(self, times: int) -> Conditioning:
         """The whole batch `times` times over (rows i, i + B, ... share a prompt)."""
         return self._map(lambda t: t.repeat(times, *[1] * (t.dim() - 1)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 
@@ -44,16 +43,20 @@ class Trajectory:
             images=None if self.images is None else self.images[index],
         )
 
-    def records(self) -> list[dict[str, Any]]:
-        """One row per sample for the rollout log (no latents, no images)."""
-        return [
-            {
-                "prompt": self.prompts[i],
-                "prompt_id": int(self.prompt_ids[i]),
-                "seed": int(self.seeds[i]),
-                "policy_version": self.policy_version,
-                "precision": self.precision,
-                "log_prob_sum": float(self.log_probs[i].sum()),
-            }
-            for i in range(len(self))
-        ]
+    @classmethod
+    def concat(cls, parts: list[Trajectory]) -> Trajectory:
+        """Batches of one iteration (same steps, same version) gathered from workers."""
+        first = parts[0]
+        for part in parts[1:]:
+            if not torch.equal(part.sde_mask, first.sde_mask):
+                raise ValueError("trajectories of one iteration must share their SDE steps")
+        return replace(
+            first,
+            prompts=[p for part in parts for p in part.prompts],
+            prompt_ids=torch.cat([p.prompt_ids for p in parts]),
+            seeds=torch.cat([p.seeds for p in parts]),
+            latents=torch.cat([p.latents for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            policy_version=min(p.policy_version for p in parts),
+            images=None if first.images is None else torch.cat([p.images for p in parts]),
+        )

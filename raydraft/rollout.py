@@ -1,0 +1,102 @@
+"""The sampling half of an iteration: a prompt batch in, a rollout (scored when the
+reward is black-box) out. The single-process trainer and each rollout worker call the
+same `generate`; a controller that split a batch across workers joins the parts with
+`RolloutResult.concat`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from raydraft.algorithms.common import ROLLOUT_STREAM, PromptBatch, iteration_generator
+from raydraft.algorithms.draft import DRaFT, DraftBatch
+from raydraft.algorithms.flow_grpo import FlowGRPO, GRPORollout
+from raydraft.models.base import Policy
+from raydraft.rewards.base import Reward, score_or_drop
+
+
+@dataclass
+class RolloutResult:
+    """One prompt batch sampled by one policy version; black-box rewards already applied."""
+
+    iteration: int
+    policy_version: int
+    rollout: GRPORollout | DraftBatch
+    records: list[dict[str, Any]]  # one row per sample for the rollout log
+    rewards: torch.Tensor | None = None  # (B,), Flow-GRPO only
+    valid: torch.Tensor | None = None  # (B,) bool: False where a bad reward was dropped
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def reward_stats(self) -> dict[str, float]:
+        """Mean and std of the kept black-box rewards (DRaFT logs its rewards in the loss)."""
+        if self.rewards is None:
+            return {}
+        kept = self.rewards[self.valid]
+        return {
+            "reward_mean": float(kept.mean()) if kept.numel() else math.nan,
+            "reward_std": float(kept.std()) if kept.numel() > 1 else 0.0,
+        }
+
+    @classmethod
+    def concat(cls, parts: list[RolloutResult]) -> RolloutResult:
+        """Parts of one iteration's batch, in batch order."""
+        first = parts[0]
+        if any(p.iteration != first.iteration for p in parts):
+            raise ValueError("only parts of one iteration can be joined")
+        scored = first.rewards is not None
+        return cls(
+            iteration=first.iteration,
+            policy_version=min(p.policy_version for p in parts),
+            rollout=type(first.rollout).concat([p.rollout for p in parts]),
+            records=[r for p in parts for r in p.records],
+            rewards=torch.cat([p.rewards for p in parts]) if scored else None,
+            valid=torch.cat([p.valid for p in parts]) if scored else None,
+            seconds={k: max(p.seconds.get(k, 0.0) for p in parts) for k in first.seconds},
+        )
+
+
+def generate(
+    algorithm: DRaFT | FlowGRPO,
+    policy: Policy,
+    reward: Reward | None,
+    batch: PromptBatch,
+    seed: int,
+    drop_bad_rewards: bool,
+) -> RolloutResult:
+    """Sample `batch` with the policy's current weights and score it if the algorithm
+    needs black-box rewards (`reward` may be a remote reward in the Ray runtime)."""
+    start = time.perf_counter()
+    policy.train(False)
+    generator = iteration_generator(seed, batch.iteration, ROLLOUT_STREAM)
+    rollout = algorithm.rollout(policy, batch, generator)
+    seconds = {"rollout": time.perf_counter() - start}
+    rewards = valid = None
+    if algorithm.scores_rollouts:
+        if reward is None:
+            raise ValueError(f"{type(algorithm).__name__} needs a reward to score its rollouts")
+        start = time.perf_counter()
+        traj = rollout.trajectory
+        rewards, valid = score_or_drop(
+            reward, traj.images, traj.prompts, batch.metadata, drop_bad_rewards
+        )
+        seconds["reward"] = time.perf_counter() - start
+    records = [
+        {
+            "iteration": batch.iteration,
+            "prompt": batch.prompts[i],
+            "prompt_id": int(batch.prompt_ids[i]),
+            "seed": int(batch.seeds[i]),
+            "policy_version": policy.version,
+            "reward": None if rewards is None or not valid[i] else float(rewards[i]),
+        }
+        for i in range(len(batch))
+    ]
+    return RolloutResult(batch.iteration, policy.version, rollout, records, rewards, valid, seconds)
