@@ -1,1 +1,1 @@
-"""The Ray layer: thin actors around the core objects of `raydraft` (the Ray runtime issue)."""
+"""The Ray layer: thin actors around raydraft's core objects (see docs/architecture.md)."""

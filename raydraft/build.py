@@ -28,7 +28,10 @@ def needs_reference(cfg: ExperimentConfig) -> bool:
 
 
 def build_algorithm(
-    cfg: ExperimentConfig, policy: Policy, reward: Reward, sampler: Sampler | None = None
+    cfg: ExperimentConfig,
+    policy: Policy,
+    reward: Reward | None,
+    sampler: Sampler | None = None,
 ) -> DRaFT | FlowGRPO:
     sampler = sampler or build_sampler(cfg.sampler, policy.prediction_type)
     guidance = cfg.sampler.guidance_scale

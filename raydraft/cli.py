@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from raydraft.config import ConfigError, load_config
+from raydraft.config import ConfigError, ExperimentConfig, load_config
+
+if TYPE_CHECKING:
+    from raydraft.trainer import Engine
 
 
 def _run_dir(name: str) -> Path:
@@ -32,11 +39,16 @@ def train(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.name)
     if args.max_steps:
         cfg = cfg.model_copy(update={"max_steps": args.max_steps})
-    trainer = Trainer(cfg, run_dir)
-    if args.resume:
-        step = trainer.resume()
-        print(f"resumed {run_dir} at step {step}")
-    history = trainer.fit()
+    if args.local:
+        cfg = cfg.model_copy(update={"runtime": "local"})
+    if args.address:
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": args.address})})
+    with _engine(cfg) as engine, _sigterm_interrupts():
+        trainer = Trainer(cfg, run_dir, engine=engine)
+        if args.resume:
+            step = trainer.resume()
+            print(f"resumed {run_dir} at step {step}")
+        history = trainer.fit()
     if history:
         first, last = history[0], history[-1]
         print(
@@ -45,6 +57,47 @@ def train(args: argparse.Namespace) -> int:
             f"{last['images_per_s']:.1f} images/s\nrun directory: {run_dir}"
         )
     return 0
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`ray job stop`, `kill`, a preempted pod) acts like Ctrl-C: the trainer
+    checkpoints and the roles shut down. Ray sends SIGKILL 3 s later unless
+    RAY_JOB_STOP_WAIT_TIME_S says otherwise: raise it where a checkpoint takes longer."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _engine(cfg: ExperimentConfig) -> Iterator[Engine | None]:
+    """None for the single-process trainer; else the Ray runtime, shut down on the way out."""
+    if cfg.runtime == "local":
+        yield None
+        return
+    import os
+
+    import ray
+
+    from actors.cluster import connect
+    from actors.engine import RayEngine, required_cpus
+
+    started = connect(cfg.ray.address, num_cpus=max(os.cpu_count() or 1, required_cpus(cfg)))
+    engine = None
+    try:
+        engine = RayEngine(cfg)
+        yield engine
+    finally:
+        if engine is not None:
+            engine.close()
+        if started:
+            ray.shutdown()
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -76,13 +129,27 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def dashboards(args: argparse.Namespace) -> int:
+    from raydraft.dashboards import write
+
+    for path in write(args.out):
+        print(path)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     from raydraft.bench import BENCHES
 
-    if args.name not in BENCHES:
-        print(f"unknown bench {args.name!r}; available: {sorted(BENCHES)}", file=sys.stderr)
+    benches = dict(BENCHES)
+    if args.name == "system":  # the Ray layer's bench lives with it (the core has no Ray)
+        from actors.bench_system import run as system
+
+        benches["system"] = system
+    if args.name not in benches:
+        print(f"unknown bench {args.name!r}; available: {sorted([*benches, 'system'])}",
+              file=sys.stderr)  # fmt: skip
         return 2
-    BENCHES[args.name](args.options)
+    benches[args.name](args.options)
     return 0
 
 
@@ -97,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: runs/<name>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--local", action="store_true", help="single-process trainer (no Ray)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     p.set_defaults(func=train)
 
     p = commands.add_parser("eval", help="GenEval-style accuracy on held-out shapes prompts")
@@ -106,6 +174,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON report here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.eval_num_steps=20")
     p.set_defaults(func=evaluate)
+
+    p = commands.add_parser("dashboards", help="write the Grafana dashboard and scrape config")
+    p.add_argument("--out", default="dashboards", help="directory (default: dashboards/)")
+    p.set_defaults(func=dashboards)
 
     p = commands.add_parser("bench", help="run a benchmark and print its ratios")
     p.add_argument("name", help="benchmark name, e.g. draft-cost")

@@ -162,13 +162,58 @@ class LoggingConfig(Section):
     # Shapes world only: GenEval-style evaluation of the base and the final model,
     # this many held-out samples per category (0: off).
     eval_per_category: NonNegativeInt = 0
+    # Prometheus /metrics of the driving process on this port (0: any free one; None: off).
+    metrics_port: NonNegativeInt | None = None
+    metrics_host: str = "127.0.0.1"
+
+
+class RewardServingConfig(Section):
+    """Ray Serve settings shared by every reward deployment (black-box rewards)."""
+
+    min_replicas: PositiveInt = 1  # pin to the reward budget: upscaling lags a step's burst
+    max_replicas: PositiveInt = 1
+    target_ongoing_requests: PositiveFloat = 32
+    max_ongoing_requests: PositiveInt = 128  # >= max_batch_size, or batches stay small
+    upscale_delay_s: NonNegativeFloat = 1.0
+    downscale_delay_s: NonNegativeFloat = 30.0
+    num_cpus: NonNegativeFloat = 0.25  # fractional: whole CPUs starve the other roles
+    num_gpus: NonNegativeFloat = 0.0
+    max_batch_size: PositiveInt = 64
+    batch_wait_timeout_s: NonNegativeFloat = 0.005
+    max_retries: NonNegativeInt = 3  # per request, when a replica dies under it
+
+    @model_validator(mode="after")
+    def _replicas(self) -> RewardServingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size")
+        return self
+
+
+class RayConfig(Section):
+    """The Ray runtime: roles, their resources, and the rollout schedule."""
+
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local instance on loopback
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: NonNegativeInt = 1  # async: rollouts at most this many versions old
+    rollout_workers: PositiveInt = 1
+    learners: PositiveInt = 1
+    worker_cpus: PositiveFloat = 1.0
+    worker_gpus: NonNegativeFloat = 0.0
+    learner_cpus: PositiveFloat = 1.0
+    learner_gpus: NonNegativeFloat = 0.0
+    torch_threads: PositiveInt | None = None  # per actor; None: its CPU count, at least 1
+    worker_max_restarts: NonNegativeInt = 3
+    startup_timeout_s: PositiveFloat = 300.0  # roles not placed by then: an error, not a hang
+    reward_serving: RewardServingConfig = RewardServingConfig()
 
 
 class ExperimentConfig(Section):
     name: str = "raydraft"
     seed: int = 0
     max_steps: PositiveInt = 100
-    runtime: Literal["local"] = "local"
+    runtime: Literal["ray", "local"] = "ray"  # local: the single-process trainer
     model: ModelConfig = ModelConfig()
     sampler: SamplerConfig = SamplerConfig()
     algorithm: AlgorithmConfig
@@ -177,6 +222,7 @@ class ExperimentConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentConfig:

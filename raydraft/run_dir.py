@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -54,13 +55,22 @@ class RunDirectory:
         path = self.root / "eval.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop lines past a resumed checkpoint, so each step appears once."""
-        if not self.metrics_path.exists():
-            return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= after_step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics and rollouts past a resumed checkpoint, so each step appears once."""
+        self._pending_rollouts = [r for r in self._pending_rollouts if r["step"] <= step]
+        if self.metrics_path.exists():
+            lines = self.metrics_path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        for path in sorted(self.rollouts.glob("*.parquet")):
+            table = pq.read_table(path)
+            if pc.max(table["step"]).as_py() <= step:
+                continue
+            kept_rows = table.filter(pc.less_equal(table["step"], step))
+            path.unlink()
+            if kept_rows.num_rows:
+                first = pc.min(kept_rows["step"]).as_py()
+                pq.write_table(kept_rows, self.rollouts / f"steps-{first:06d}-{step:06d}.parquet")
 
     def add_rollouts(self, records: list[dict[str, Any]]) -> None:
         self._pending_rollouts += records

@@ -25,6 +25,7 @@ from raydraft.data.prompts import PromptStream, load_prompts
 from raydraft.ema import EMA
 from raydraft.evaluation import evaluate, format_table
 from raydraft.learner import Learner
+from raydraft.metrics import MetricsExporter
 from raydraft.models.base import Policy
 from raydraft.report import reward_curve
 from raydraft.rewards.registry import build_reward
@@ -111,6 +112,14 @@ class Trainer:
         prompts = load_prompts(cfg.data.prompts)
         self.sample_prompts = [prompts[i % len(prompts)] for i in range(SAMPLE_GRID_SIZE)]
         self.step = 0
+        self.exporter: MetricsExporter | None = None
+        self.metrics_url: str | None = None
+        if cfg.logging.metrics_port is not None:
+            self.exporter = MetricsExporter(cfg.name)
+            host = cfg.logging.metrics_host
+            port = self.exporter.serve(host, cfg.logging.metrics_port)
+            self.metrics_url = f"http://{host}:{port}/metrics"
+            print(f"Prometheus metrics: {self.metrics_url}")
 
     @property
     def policy(self) -> Policy:
@@ -122,7 +131,10 @@ class Trainer:
         result, update = self.engine.iterate()
         self.step += 1
         self.run.add_rollouts([r | {"step": self.step} for r in result.records])
-        return iteration_metrics(result, update, self.step, start)
+        metrics = iteration_metrics(result, update, self.step, start)
+        if self.exporter is not None:
+            self.exporter.observe(metrics, len(result))
+        return metrics
 
     # -- the loop --------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> list[dict[str, float]]:
@@ -226,7 +238,7 @@ class Trainer:
         self.engine.load_state(tensors, optimizer, state)
         torch.set_rng_state(tensors["rng"]["torch"])
         self.step = state["step"]
-        self.run.truncate_metrics(self.step)
+        self.run.truncate_after(self.step)
         return self.step
 
 

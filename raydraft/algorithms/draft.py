@@ -74,12 +74,13 @@ class DRaFT:
         self,
         cfg: DraftConfig,
         sampler: Sampler,
-        reward: Reward,
+        reward: Reward | None,
         guidance: float,
         checkpoint: bool = False,
         drop_bad_rewards: bool = False,
     ) -> None:
-        if not reward.differentiable:
+        """`reward` may be None where only `rollout` runs (a rollout worker)."""
+        if reward is not None and not reward.differentiable:
             raise ValueError(f"DRaFT needs a differentiable reward; {reward.name!r} is not")
         self.cfg = cfg
         self.sampler = sampler
@@ -142,6 +143,8 @@ class DRaFT:
         ).x  # fmt: skip
 
     def loss(self, policy: Policy, batch: DraftBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.reward is None:
+            raise RuntimeError("this DRaFT was built without a reward: it can only roll out")
         latents = self.final_samples(policy, batch)
         repeats = latents.shape[0] // len(batch)
         images = policy.decode(latents)

@@ -1,0 +1,209 @@
+"""`raydraft bench system`: the Ray runtime against the single-process trainer.
+
+Three tables, each measured side by side in one run on one local Ray instance:
+1. overhead: images/s of the Ray system in sync mode over the single-process trainer,
+   same toy work and thread budget (real sampling, reward serving and updates);
+2. async vs sync: learner busy fraction and images/s with stage costs in chosen
+   proportions (the real toy work plus sleeps), for 1, 2, 4, 8 rollout workers;
+3. weight sync: seconds to publish a state of a given size to N workers and have each
+   materialise it as tensors (the object-store path).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import ray
+import torch
+
+from actors.cluster import connect
+from actors.engine import RayEngine
+from actors.learner import LearnerActor
+from actors.rollout_worker import RolloutWorker
+from actors.weight_sync import WeightsMessage, WeightSync, from_message
+from raydraft.algorithms.common import PromptBatch
+from raydraft.config import load_config
+from raydraft.rollout import RolloutResult
+from raydraft.trainer import Trainer
+
+DEFAULTS = {
+    "steps": 6,
+    # stage seconds per iteration (the whole batch on one worker): sampling dominates,
+    # as in Flow-GRPO on SD3.5; the update is a third of it, scoring a tenth.
+    "rollout_s": 3.0,
+    "reward_s": 0.3,
+    "update_s": 1.0,
+    "workers": "1,2,4,8",
+    "sizes_mb": "1,16,128,512",
+    "sync_workers": "1,4",
+}
+TOY = [
+    "sampler.num_steps=4",
+    "data.prompts_per_step=4",
+    "algorithm.group_size=4",
+    "learner.minibatch_size=16",
+    "logging.progress_bar=false",
+    "logging.sample_every=0",
+    "logging.eval_per_category=0",
+    "checkpoint.every=0",
+]
+
+
+def _images_per_s(trainer: Trainer, steps: int) -> float:
+    trainer.train_step()  # warm-up: first calls, allocations, replica start
+    start = time.perf_counter()
+    images = sum(len(trainer.engine.iterate()[0]) for _ in range(steps))
+    return images / (time.perf_counter() - start)
+
+
+def overhead(steps: int, threads: int, run_root: str) -> dict[str, float]:
+    """Same config, same thread budget: sync mode never overlaps roles, so each uses all."""
+    cfg = load_config("toy-flowgrpo", [*TOY, f"ray.torch_threads={threads}"])
+    torch.set_num_threads(threads)
+    local = _images_per_s(Trainer(cfg, f"{run_root}/local"), steps)
+    engine = RayEngine(cfg)
+    try:
+        distributed = _images_per_s(Trainer(cfg, f"{run_root}/ray", engine=engine), steps)
+    finally:
+        engine.close()
+    return {"local_images_per_s": local, "ray_images_per_s": distributed}
+
+
+class TimedWorker(RolloutWorker):
+    """The real toy rollout plus sleeps standing in for a large model's sampling and reward."""
+
+    def __init__(self, cfg: dict, index: int, rollout_s: float, reward_s: float, n: int) -> None:
+        super().__init__(cfg, index)
+        self.per_image = (rollout_s + reward_s) / n
+
+    def generate(self, batch: PromptBatch, min_version: int) -> RolloutResult:
+        result = super().generate(batch, min_version)
+        time.sleep(self.per_image * len(batch.prompts))
+        return result
+
+
+class TimedLearner(LearnerActor):
+    """The real toy update plus a sleep; reports the whole as its update time."""
+
+    def __init__(self, cfg: dict, rank: int, world_size: int, update_s: float) -> None:
+        super().__init__(cfg, rank, world_size)
+        self.update_s = update_s
+
+    def update(self, result: RolloutResult) -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = super().update(result)
+        time.sleep(self.update_s)
+        return metrics | {"time_update_s": time.perf_counter() - start}
+
+
+def _bound(cls: type, *extra) -> type:
+    """`cls` with extra constructor arguments fixed (Ray instantiates the actor class)."""
+
+    class Bound(cls):
+        def __init__(self, *args) -> None:
+            super().__init__(*args, *extra)
+
+    Bound.__name__ = Bound.__qualname__ = cls.__name__
+    return Bound
+
+
+def schedule(
+    mode: str, workers: int, steps: int, rollout_s: float, reward_s: float, update_s: float
+) -> dict[str, float]:
+    cfg = load_config(
+        "toy-flowgrpo",
+        [
+            *TOY, f"ray.mode={mode}", f"ray.rollout_workers={workers}",
+            "ray.torch_threads=1", "ray.worker_cpus=0.1", "ray.learner_cpus=0.1",
+            "ray.reward_serving.num_cpus=0.1",
+        ],
+    )  # fmt: skip
+    n = cfg.data.prompts_per_step * cfg.algorithm.group_size
+    engine = RayEngine(
+        cfg,
+        worker_class=_bound(TimedWorker, rollout_s, reward_s, n),
+        learner_class=_bound(TimedLearner, update_s),
+    )
+    try:
+        engine.iterate()  # warm-up
+        start = time.perf_counter()
+        busy = images = 0.0
+        for _ in range(steps):
+            result, metrics = engine.iterate()
+            busy += metrics["time_update_s"]
+            images += len(result)
+        wall = time.perf_counter() - start
+    finally:
+        engine.close()
+    return {"images_per_s": images / wall, "learner_busy": busy / wall}
+
+
+@ray.remote(num_cpus=0.1)
+class Receiver:
+    """Materialises published weights as tensors, as a rollout worker's set_weights does."""
+
+    def set_weights(self, message: WeightsMessage) -> int:
+        state = from_message(message)
+        return sum(t.numel() for t in state.values())
+
+
+def weight_sync(size_mb: int, workers: int, repeats: int = 3) -> float:
+    """Median seconds from publish to every worker holding the tensors."""
+    per_tensor = 4 * 2**20  # 4 MiB tensors, as a model's state dict has many
+    n_tensors = max(1, size_mb * 2**20 // per_tensor)
+    numel = min(size_mb * 2**20, per_tensor) // 4
+    state = {f"w{i}": np.ones(numel, np.float32) for i in range(n_tensors)}
+    receivers = [Receiver.remote() for _ in range(workers)]
+    ray.get([r.__ray_ready__.remote() for r in receivers])
+    sync, times = WeightSync(), []
+    for version in range(repeats):
+        start = time.perf_counter()
+        ray.get(sync.publish(WeightsMessage(version, state), receivers))
+        times.append(time.perf_counter() - start)
+    for r in receivers:
+        ray.kill(r)
+    return statistics.median(times)
+
+
+def run(options: list[str]) -> None:
+    opts = dict(DEFAULTS) | dict(o.split("=", 1) for o in options)
+    steps = int(opts["steps"])
+    stage = {k: float(opts[k]) for k in ("rollout_s", "reward_s", "update_s")}
+    threads = os.cpu_count() or 1
+    connect(None, num_cpus=max(8, threads))
+    print(f"# raydraft bench system: {platform.processor() or platform.machine()}, "
+          f"{threads} cores, torch {torch.__version__}, ray {ray.__version__}")  # fmt: skip
+
+    o = overhead(steps, threads, "/tmp/raydraft-bench-system")
+    ratio = o["ray_images_per_s"] / o["local_images_per_s"]
+    print("\n## 1. Overhead (toy-flowgrpo, 16 images/iteration, sync, 1 worker, 1 learner)")
+    print("| single process img/s | Ray sync img/s | ratio |\n|---|---|---|")
+    print(f"| {o['local_images_per_s']:.2f} | {o['ray_images_per_s']:.2f} | {ratio:.3f} |")
+
+    print(
+        f"\n## 2. Async vs sync (stages: rollout {stage['rollout_s']} s, reward "
+        f"{stage['reward_s']} s per batch on one worker; update {stage['update_s']} s)"
+    )
+    print("| workers | sync img/s | async img/s | async/sync | sync learner busy | "
+          "async learner busy |\n|---|---|---|---|---|---|")  # fmt: skip
+    for w in (int(x) for x in opts["workers"].split(",")):
+        s = schedule("sync", w, steps, **stage)
+        a = schedule("async", w, steps, **stage)
+        print(
+            f"| {w} | {s['images_per_s']:.2f} | {a['images_per_s']:.2f} | "
+            f"{a['images_per_s'] / s['images_per_s']:.2f} | {s['learner_busy']:.0%} | "
+            f"{a['learner_busy']:.0%} |"
+        )
+
+    print("\n## 3. Weight sync through the object store (median of 3)")
+    counts = [int(x) for x in opts["sync_workers"].split(",")]
+    print("| state MiB | " + " | ".join(f"{n} worker(s) s" for n in counts) + " |")
+    print("|---|" + "---|" * len(counts))
+    for mb in (int(x) for x in opts["sizes_mb"].split(",")):
+        cells = " | ".join(f"{weight_sync(mb, n):.3f}" for n in counts)
+        print(f"| {mb} | {cells} |")
+    ray.shutdown()

@@ -1,0 +1,226 @@
+"""RayEngine: the controller that runs training iterations on Ray actors.
+
+Per iteration: split the prompt batch (whole groups) across the rollout workers, which
+sample it and have it scored by the Serve reward deployments; join the parts; send the
+rollout (one object-store copy) to every learner rank; publish the new weights.
+
+`sync` samples each iteration with the newest weights (strictly on-policy). `async`
+keeps `max_staleness` further batches in flight, so sampling overlaps the update; a batch
+dispatched when version v was published is trained at version <= v + max_staleness, and
+the losses use the recorded behaviour log-probs. A worker that dies is restarted by Ray
+(or replaced) and its unfinished parts are sent again; only collected parts reach the
+rollout log, so each prompt batch is logged exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+
+from actors.cluster import wait_for_start
+from actors.learner import LearnerActor, LearnerGroup
+from actors.reward_serving import deploy_rewards
+from actors.rollout_worker import RolloutWorker
+from actors.weight_sync import WeightsMessage, WeightSync, from_message
+from raydraft.algorithms.common import PromptBatch
+from raydraft.build import build_policy
+from raydraft.config import DraftConfig, ExperimentConfig
+from raydraft.rollout import RolloutResult
+from raydraft.trainer import prompt_stream
+
+WORKER_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+MAX_REISSUES = 5
+
+
+@dataclass
+class InFlight:
+    """One dispatched iteration: its parts, who samples them, where the results land."""
+
+    iteration: int
+    parts: list[PromptBatch]
+    workers: list[int]
+    refs: list[ray.ObjectRef]
+    min_version: int
+    prompts_after: dict[str, int]  # the prompt stream's state once this batch was drawn
+
+
+def required_cpus(cfg: ExperimentConfig) -> int:
+    """Logical CPUs the roles reserve (a local instance declares at least this many)."""
+    r = cfg.ray
+    rewards = 0.0
+    if not isinstance(cfg.algorithm, DraftConfig):
+        rewards = len(cfg.rewards.components) * r.reward_serving.max_replicas
+        rewards *= r.reward_serving.num_cpus
+    total = r.learners * r.learner_cpus + r.rollout_workers * r.worker_cpus + rewards
+    return math.ceil(total + 0.5)  # head room for Serve's controller
+
+
+class RayEngine:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        worker_class: type = RolloutWorker,
+        learner_class: type = LearnerActor,
+    ) -> None:
+        """`worker_class` / `learner_class`: the role implementations (subclasses let the
+        system benchmark give stages chosen costs)."""
+        self.cfg = cfg
+        self.worker_class = ray.remote(worker_class)
+        self.learner_class = learner_class
+        self.ray_cfg = cfg.ray
+        self.cfg_dict = cfg.model_dump(mode="json")
+        self.policy = build_policy(cfg.model)  # the driver's copy: sample grids, evaluation
+        self.prompts = prompt_stream(cfg)
+        self.trained_prompts = self.prompts.state_dict()
+        self.reward_apps: dict[str, str] = {}
+        self.learners: LearnerGroup | None = None
+        self.workers: list = []
+        self.weights = WeightSync()
+        self.version = 0
+        self.in_flight: deque[InFlight] = deque()
+        self.reissued_parts = 0
+        try:
+            self._start_roles()
+        except BaseException:
+            self.close()  # nothing of a failed start stays on the cluster
+            raise
+
+    # -- roles ------------------------------------------------------------------------
+    def _start_roles(self) -> None:
+        r = self.ray_cfg
+        if not isinstance(self.cfg.algorithm, DraftConfig):
+            self.reward_apps = deploy_rewards(
+                self.cfg.rewards, r.reward_serving, r.startup_timeout_s
+            )
+        self.learners = LearnerGroup(self.cfg, self.learner_class)
+        self.workers = [self._start_worker(i) for i in range(r.rollout_workers)]
+        acks = self.weights.publish(self._leader_weights(), self.workers)
+        wait_for_start(
+            acks,
+            f"{r.rollout_workers} rollout worker(s) of {r.worker_cpus} CPU, {r.worker_gpus} GPU",
+            r.startup_timeout_s,
+        )
+
+    def _start_worker(self, index: int):
+        r = self.ray_cfg
+        return self.worker_class.options(
+            num_cpus=r.worker_cpus,
+            num_gpus=r.worker_gpus,
+            max_restarts=r.worker_max_restarts,
+            max_task_retries=0,
+        ).remote(self.cfg_dict, index)
+
+    def _leader_weights(self) -> WeightsMessage:
+        message = ray.get(self.learners.leader.weights.remote())
+        self.version = message.version
+        return message
+
+    def _publish(self) -> None:
+        acks = self.weights.publish(self._leader_weights(), self.workers)
+        if self.ray_cfg.mode == "sync":
+            self._wait_for_weights(acks)
+
+    def _wait_for_weights(self, acks: list[ray.ObjectRef]) -> None:
+        for index, ack in enumerate(acks):
+            try:
+                ray.get(ack)
+            except WORKER_FAILURES:
+                self._revive(index)
+
+    def _revive(self, index: int) -> None:
+        """A worker that failed: wait for Ray's restart, or replace it, then resend weights."""
+        worker = self.workers[index]
+        try:
+            ray.get(worker.version.remote(), timeout=60)
+        except (*WORKER_FAILURES, ray.exceptions.GetTimeoutError):
+            worker = self.workers[index] = self._start_worker(index)
+        ray.get(self.weights.send_latest(worker))
+
+    # -- iterations -------------------------------------------------------------------
+    def _depth(self) -> int:
+        return 1 if self.ray_cfg.mode == "sync" else self.ray_cfg.max_staleness + 1
+
+    def _dispatch(self) -> None:
+        batch = self.prompts.next_batch()
+        parts = batch.split(len(self.workers))
+        staleness = 0 if self.ray_cfg.mode == "sync" else self.ray_cfg.max_staleness
+        min_version = max(0, batch.iteration - staleness)
+        workers = list(range(len(parts)))
+        refs = [
+            self.workers[w].generate.remote(part, min_version)
+            for w, part in zip(workers, parts, strict=True)
+        ]
+        self.in_flight.append(
+            InFlight(batch.iteration, parts, workers, refs, min_version, self.prompts.state_dict())
+        )
+
+    def _collect(self, job: InFlight) -> RolloutResult:
+        results = []
+        for part, w, ref in zip(job.parts, job.workers, job.refs, strict=True):
+            for attempt in range(MAX_REISSUES + 1):
+                try:
+                    results.append(ray.get(ref))
+                    break
+                except WORKER_FAILURES:
+                    if attempt == MAX_REISSUES:
+                        raise
+                    self._revive(w)
+                    self.reissued_parts += 1
+                    ref = self.workers[w].generate.remote(part, job.min_version)
+        return RolloutResult.concat(results)
+
+    def iterate(self) -> tuple[RolloutResult, dict[str, float]]:
+        while len(self.in_flight) < self._depth():
+            self._dispatch()
+        job = self.in_flight.popleft()
+        result = self._collect(job)
+        metrics = self.learners.update(ray.put(result))
+        self.trained_prompts = job.prompts_after
+        start = time.perf_counter()
+        self._publish()
+        return result, metrics | {
+            "weight_sync_bytes": float(self.weights.last_bytes),
+            "weight_sync_s": time.perf_counter() - start,
+            "reissued_parts": float(self.reissued_parts),
+            "rollouts_in_flight": float(len(self.in_flight)),
+        }
+
+    # -- state ------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """The learner's state and the prompt cursor of the last trained batch: batches
+        still in flight are drawn and sampled again after a resume."""
+        tensors, optimizer, version = ray.get(self.learners.leader.state.remote())
+        return tensors, optimizer, {"prompts": self.trained_prompts, "policy_version": version}
+
+    def load_state(
+        self, tensors: dict[str, Any], optimizer: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        if self.in_flight:
+            raise RuntimeError("load_state only before the first iteration")
+        self.learners.load_state(tensors, optimizer, state["policy_version"])
+        self.prompts.load_state_dict(state["prompts"])
+        self.trained_prompts = state["prompts"]
+        self._publish()
+
+    @contextmanager
+    def inference_weights(self) -> Iterator[None]:
+        message = ray.get(self.learners.leader.inference_weights.remote())
+        self.policy.load_trainable(from_message(message), message.version)
+        yield
+
+    def close(self) -> None:
+        self.in_flight.clear()  # killing the workers ends the batches still in flight
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        if self.learners is not None:
+            self.learners.shutdown()
+        for app in self.reward_apps.values():
+            serve.delete(app)

@@ -1,0 +1,135 @@
+"""LearnerGroup: N learner actors, data-parallel through torch.distributed.
+
+Every rank gets the whole rollout (one object-store copy per node) and takes its slice of
+each micro-batch (`raydraft.learner.Learner`); gradients are summed with gloo on CPU or
+NCCL on GPU, so every rank applies the same update and rank 0 speaks for the group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.cluster import actor_threads, wait_for_start
+from actors.weight_sync import WeightsMessage, to_message
+from raydraft.build import build_algorithm, build_policy, needs_reference
+from raydraft.config import DraftConfig, ExperimentConfig
+from raydraft.learner import Learner
+from raydraft.rewards.registry import build_reward
+from raydraft.rollout import RolloutResult
+
+
+class LearnerActor:
+    def __init__(self, cfg: dict, rank: int, world_size: int) -> None:
+        self.cfg = ExperimentConfig.model_validate(cfg)
+        ray_cfg = self.cfg.ray
+        torch.set_num_threads(actor_threads(ray_cfg.learner_cpus, ray_cfg.torch_threads))
+        torch.manual_seed(self.cfg.seed)
+        policy = build_policy(self.cfg.model, needs_reference(self.cfg))
+        # DRaFT's differentiable reward is part of the loss, so it lives here.
+        reward = (
+            build_reward(self.cfg.rewards) if isinstance(self.cfg.algorithm, DraftConfig) else None
+        )
+        self.learner = Learner(
+            self.cfg, policy, build_algorithm(self.cfg, policy, reward), rank, world_size
+        )
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port on it: the process group's rendezvous."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def init_process_group(self, host: str, port: int) -> None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{host}:{port}",
+            rank=self.learner.rank,
+            world_size=self.learner.world_size,
+        )
+
+    def update(self, result: RolloutResult) -> dict[str, float]:
+        return self.learner.update(result)
+
+    def weights(self) -> WeightsMessage:
+        policy = self.learner.policy
+        return to_message(policy.version, policy.trainable_state())
+
+    def inference_weights(self) -> WeightsMessage:
+        """The weights to sample with for evaluation: the EMA shadow when kept."""
+        learner = self.learner
+        if learner.ema is None:
+            return self.weights()
+        with learner.ema.applied():
+            return self.weights()
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any], int]:
+        tensors, optimizer = self.learner.state()
+        return tensors, optimizer, self.learner.policy.version
+
+    def load_state(self, tensors: dict[str, Any], optimizer: dict[str, Any], version: int) -> None:
+        self.learner.load_state(tensors, optimizer, version)
+
+    def last_gradients(self) -> list[torch.Tensor]:
+        """The gradients of the last optimizer step, as applied (summed over ranks)."""
+        return [p.grad.clone() for p in self.learner.params]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class LearnerGroup:
+    """The learner ranks in one placement group, driven as one."""
+
+    def __init__(self, cfg: ExperimentConfig, actor_class: type = LearnerActor) -> None:
+        ray_cfg = cfg.ray
+        n = ray_cfg.learners
+        bundle = {"CPU": ray_cfg.learner_cpus}
+        if ray_cfg.learner_gpus:
+            bundle["GPU"] = ray_cfg.learner_gpus
+        self.placement = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+        try:
+            wait_for_start(
+                [self.placement.ready()], f"{n} learner(s) of {bundle}", ray_cfg.startup_timeout_s
+            )
+        except RuntimeError:
+            remove_placement_group(self.placement)
+            raise
+        cfg_dict = cfg.model_dump(mode="json")
+        self.actors = [
+            ray.remote(actor_class)
+            .options(
+                num_cpus=ray_cfg.learner_cpus,
+                num_gpus=ray_cfg.learner_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, i),
+            )
+            .remote(cfg_dict, i, n)
+            for i in range(n)
+        ]
+        if n > 1:
+            host, port = ray.get(self.actors[0].address.remote())
+            ray.get([a.init_process_group.remote(host, port) for a in self.actors])
+
+    @property
+    def leader(self):
+        return self.actors[0]
+
+    def update(self, result: ray.ObjectRef | RolloutResult) -> dict[str, float]:
+        return ray.get([a.update.remote(result) for a in self.actors])[0]
+
+    def load_state(self, tensors: dict[str, Any], optimizer: dict[str, Any], version: int) -> None:
+        ray.get([a.load_state.remote(tensors, optimizer, version) for a in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement)

@@ -1,0 +1,224 @@
+"""The Ray runtime against a real local Ray cluster (one per module) and real Ray Serve."""
+
+import json
+import os
+import re
+import signal
+import urllib.request
+
+import pytest
+import ray
+import torch
+from ray import serve
+
+from actors.cluster import connect
+from actors.engine import RayEngine
+from actors.learner import LearnerGroup
+from raydraft.config import load_config
+from raydraft.data.prompts import load_prompts
+from raydraft.rollout import generate
+from raydraft.trainer import LocalEngine, Trainer
+
+TINY = [
+    "sampler.num_steps=3",
+    "sampler.eval_num_steps=3",
+    "data.prompts_per_step=2",
+    "learner.minibatch_size=4",
+    "logging.progress_bar=false",
+    "logging.sample_every=0",
+    "logging.eval_per_category=0",
+    "checkpoint.every=0",
+    "ray.torch_threads=1",
+    "ray.worker_cpus=0.5",
+    "ray.learner_cpus=0.5",
+    "ray.reward_serving.num_cpus=0.1",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    started = connect(None, num_cpus=4)
+    yield
+    if started:
+        serve.shutdown()  # stops the driver-side handle routers too, which would re-init Ray
+        ray.shutdown()
+
+
+def config(*overrides, name="toy-flowgrpo"):
+    groups = ["algorithm.group_size=4"] if name == "toy-flowgrpo" else []
+    return load_config(name, [*TINY, *groups, *overrides])
+
+
+def test_sync_mode_equals_the_single_process_trainer(tmp_path):
+    torch.set_num_threads(1)  # the actors run one thread each: same kernels, same sums
+    cfg = config("algorithm.kl_beta=0.1")
+    local = Trainer(cfg, tmp_path / "local")
+    expected = [local.train_step() for _ in range(2)]
+    engine = RayEngine(cfg)
+    try:
+        distributed = Trainer(cfg, tmp_path / "ray", engine=engine)
+        got = [distributed.train_step() for _ in range(2)]
+        with engine.inference_weights():
+            weights = engine.policy.trainable_state()
+    finally:
+        engine.close()
+    for key in ("policy_loss", "kl_ref", "reward_mean", "grad_norm", "ratio_mean"):
+        assert [m[key] for m in got] == pytest.approx([m[key] for m in expected], abs=1e-6), key
+    for name, value in local.policy.trainable_state().items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["toy-flowgrpo", "toy-draft-lv"])
+def test_two_learners_with_half_batches_give_the_full_batch_gradient(name):
+    extra = ["learner.minibatch_size=8"] if name == "toy-flowgrpo" else []
+    cfg = config(*extra, name=name)
+    local = LocalEngine(cfg)
+    batch = local.prompts.next_batch()
+    result = generate(local.algorithm, local.policy, local.reward, batch, cfg.seed, False)
+    gradients = {}
+    for n in (1, 2):
+        group = LearnerGroup(
+            cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"learners": n})})
+        )
+        try:
+            metrics = group.update(ray.put(result))
+            assert metrics["optimizer_steps"] == 1
+            gradients[n] = ray.get(group.leader.last_gradients.remote())
+            if n == 2:  # every rank applied the same update
+                a, b = ray.get([g.weights.remote() for g in group.actors])
+                assert all((a.state[k] == b.state[k]).all() for k in a.state)
+        finally:
+            group.shutdown()
+    assert any(g.abs().sum() > 0 for g in gradients[1])
+    for one, two in zip(gradients[1], gradients[2], strict=True):
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-7)
+
+
+def test_async_mode_never_trains_on_rollouts_older_than_max_staleness(tmp_path):
+    cfg = config(
+        "ray.mode=async", "ray.max_staleness=1", "ray.rollout_workers=2", "logging.metrics_port=0"
+    )
+    engine = RayEngine(cfg)
+    try:
+        trainer = Trainer(cfg, tmp_path / "run", engine=engine)
+        metrics = [trainer.train_step() for _ in range(4)]
+    finally:
+        engine.close()
+    exported = urllib.request.urlopen(trainer.metrics_url, timeout=10).read().decode()
+    assert re.search(r"raydraft_weight_sync_bytes\{.*\} [1-9]", exported)
+    assert re.search(r"raydraft_rollouts_in_flight\{.*\} 1\.0", exported)
+    assert [m["policy_version"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["staleness"] <= 1 for m in metrics)
+    assert any(m["staleness"] == 1 for m in metrics)  # the overlap did happen
+    trainer.run.flush_rollouts()
+    rows = [r for p in (tmp_path / "run/rollouts").glob("*.parquet") for r in _rows(p)]
+    for row in rows:  # the version each sample was drawn with, within the bound
+        assert row["iteration"] - 1 <= row["policy_version"] <= row["iteration"]
+
+
+def _rows(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_a_dead_rollout_worker_is_restarted_and_its_batch_sampled_once(tmp_path, how):
+    """`ray.kill` is a death Ray knows of; SIGKILL is a crash it learns of afterwards
+    (like `os._exit` in the worker: the process is gone without a word)."""
+    cfg = config("ray.rollout_workers=2")
+    engine = RayEngine(cfg)
+    try:
+        trainer = Trainer(cfg, tmp_path / "run", engine=engine)
+        trainer.train_step()
+        victim = engine.workers[1]
+        old_pid = ray.get(victim.pid.remote())
+        engine._dispatch()  # iteration 2 is in flight on both workers ...
+        if how == "ray.kill":
+            ray.kill(victim, no_restart=False)
+        else:
+            os.kill(old_pid, signal.SIGKILL)
+        metrics = trainer.train_step()  # ... and one of them dies under it
+        assert metrics["reissued_parts"] >= 1
+        assert ray.get(engine.workers[1].pid.remote()) != old_pid
+        trainer.train_step()
+        trainer.run.flush_rollouts()
+    finally:
+        engine.close()
+    rows = [r for p in (tmp_path / "run/rollouts").glob("*.parquet") for r in _rows(p)]
+    per_iteration = {}
+    for row in rows:
+        per_iteration.setdefault(row["iteration"], []).append((row["prompt"], row["seed"]))
+    assert sorted(per_iteration) == [0, 1, 2]
+    for samples in per_iteration.values():
+        assert len(samples) == 8 and len(set(samples)) == 8
+
+
+def test_a_killed_reward_replica_is_replaced_and_the_request_retried(tmp_path):
+    from actors.reward_serving import app_name
+
+    cfg = config()
+    engine = RayEngine(cfg)
+    try:
+        trainer = Trainer(cfg, tmp_path / "run", engine=engine)
+        trainer.train_step()
+        handle = serve.get_deployment_handle("toy-geneval", app_name("toy-geneval"))
+        pid = handle.pid.remote().result()
+        os.kill(pid, 9)
+        metrics = trainer.train_step()
+        assert metrics["policy_version"] == 2
+        assert handle.pid.remote().result() != pid
+    finally:
+        engine.close()
+
+
+def test_roles_the_cluster_cannot_place_fail_with_the_shortfall_named():
+    cfg = config("ray.worker_cpus=64", "ray.startup_timeout_s=5")
+    with pytest.raises(RuntimeError, match=r"rollout worker\(s\) of 64.0 CPU.*ray.worker_cpus"):
+        RayEngine(cfg)
+    assert ray.available_resources()["CPU"] == ray.cluster_resources()["CPU"]  # nothing kept
+
+
+@pytest.mark.parametrize("resume_step", [1, 2], ids=["mid-epoch", "epoch-boundary"])
+def test_after_a_learner_dies_resume_equals_the_uninterrupted_run(tmp_path, resume_step):
+    """Four prompts, two per step: step 2 ends an epoch exactly."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(load_prompts("shapes-train")[:4]))
+    cfg = config(f"data.prompts={prompts}", "checkpoint.every=1", "checkpoint.keep=5")
+
+    def run(name):
+        engine = RayEngine(cfg)
+        return engine, Trainer(cfg, tmp_path / name, engine=engine)
+
+    engine, trainer = run("uninterrupted")
+    try:
+        trainer.fit(3)
+        expected = ray.get(engine.learners.leader.weights.remote())
+    finally:
+        engine.close()
+
+    engine, trainer = run("interrupted")
+    try:
+        trainer.fit(2)
+        ray.kill(engine.learners.leader)
+        with pytest.raises(ray.exceptions.RayActorError):
+            trainer.train_step()
+    finally:
+        engine.close()
+
+    engine, trainer = run("interrupted")
+    try:
+        checkpoint = tmp_path / f"interrupted/checkpoints/step-{resume_step:06d}"
+        assert trainer.resume(checkpoint) == resume_step
+        trainer.fit(3)
+        got = ray.get(engine.learners.leader.weights.remote())
+    finally:
+        engine.close()
+    assert got.version == expected.version == 3
+    for key, value in expected.state.items():
+        assert (got.state[key] == value).all(), key
+    rows = [r for p in (tmp_path / "interrupted/rollouts").glob("*.parquet") for r in _rows(p)]
+    steps = sorted(r["step"] for r in rows)
+    assert steps == sorted([1] * 8 + [2] * 8 + [3] * 8)  # every step logged once
+    lines = (tmp_path / "interrupted/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
