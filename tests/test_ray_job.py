@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -39,8 +40,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A head node on loopback; yields the job API address."""
-    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    """A head node on loopback with token auth; yields the job API address and the env."""
+    token = tmp_path_factory.mktemp("auth") / "token"
+    token.write_text(secrets.token_hex(32))
+    env = os.environ | {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+    }
     dashboard = _free_port()
     subprocess.run(
         [
@@ -56,20 +63,24 @@ def head(tmp_path_factory):
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
 
 
-def submit(head, run_dir: Path, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
+def submit(
+    head, run_dir: Path, max_steps: int, *overrides: str, wait: bool = True, job_id: str = ""
+) -> subprocess.CompletedProcess:
     address, env = head
     command = [
         RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+        *(["--submission-id", job_id] if job_id else []),
         "--runtime-env", str(ROOT / "cluster/runtime_env.yaml"),
         *([] if wait else ["--no-wait"]),
-        "--", "python", "-m", "raydraft", "train", "--run-dir", str(run_dir), *TINY, *args,
+        "--", "python", "-m", "raydraft", "train", "--run-dir", str(run_dir),
+        "--max-steps", str(max_steps), *TINY, *overrides,
     ]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_a_submitted_toy_run_succeeds_and_writes_its_run_directory(head, tmp_path):
     run = tmp_path / "run"
-    done = submit(head, run, "--max-steps", "2")
+    done = submit(head, run, 2)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "succeeded" in done.stdout
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -81,9 +92,9 @@ def test_a_submitted_toy_run_succeeds_and_writes_its_run_directory(head, tmp_pat
 def test_ray_job_stop_checkpoints_before_the_job_ends(head, tmp_path):
     address, env = head
     run = tmp_path / "run"
-    started = submit(head, run, "--max-steps", "1000", "checkpoint.every=0", wait=False)
+    job_id = f"raydraft-stop-{secrets.token_hex(4)}"
+    started = submit(head, run, 1000, "checkpoint.every=0", wait=False, job_id=job_id)
     assert started.returncode == 0, started.stderr
-    job_id = next(w for w in started.stdout.split() if w.startswith("raysubmit_"))
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
