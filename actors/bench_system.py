@@ -40,16 +40,21 @@ DEFAULTS = {
     "workers": "1,2,4,8",
     "sizes_mb": "1,16,128,512",
     "sync_workers": "1,4",
+    "parts": "overhead,schedule,sync",
 }
-TOY = [
-    "sampler.num_steps=4",
-    "data.prompts_per_step=4",
-    "algorithm.group_size=4",
-    "learner.minibatch_size=16",
+# The embedded default's own work (64 images of 10 steps per iteration), minus its logging.
+QUIET = [
     "logging.progress_bar=false",
     "logging.sample_every=0",
     "logging.eval_per_category=0",
     "checkpoint.every=0",
+]
+TOY = [
+    *QUIET,
+    "sampler.num_steps=4",
+    "data.prompts_per_step=4",
+    "algorithm.group_size=4",
+    "learner.minibatch_size=16",
 ]
 
 
@@ -62,7 +67,7 @@ def _images_per_s(trainer: Trainer, steps: int) -> float:
 
 def overhead(steps: int, threads: int, run_root: str) -> dict[str, float]:
     """Same config, same thread budget: sync mode never overlaps roles, so each uses all."""
-    cfg = load_config("toy-flowgrpo", [*TOY, f"ray.torch_threads={threads}"])
+    cfg = load_config("toy-flowgrpo", [*QUIET, f"ray.torch_threads={threads}"])
     torch.set_num_threads(threads)
     local = _images_per_s(Trainer(cfg, f"{run_root}/local"), steps)
     engine = RayEngine(cfg)
@@ -178,32 +183,35 @@ def run(options: list[str]) -> None:
     print(f"# raydraft bench system: {platform.processor() or platform.machine()}, "
           f"{threads} cores, torch {torch.__version__}, ray {ray.__version__}")  # fmt: skip
 
-    o = overhead(steps, threads, "/tmp/raydraft-bench-system")
-    ratio = o["ray_images_per_s"] / o["local_images_per_s"]
-    print("\n## 1. Overhead (toy-flowgrpo, 16 images/iteration, sync, 1 worker, 1 learner)")
-    print("| single process img/s | Ray sync img/s | ratio |\n|---|---|---|")
-    print(f"| {o['local_images_per_s']:.2f} | {o['ray_images_per_s']:.2f} | {ratio:.3f} |")
-
-    print(
-        f"\n## 2. Async vs sync (stages: rollout {stage['rollout_s']} s, reward "
-        f"{stage['reward_s']} s per batch on one worker; update {stage['update_s']} s)"
-    )
-    print("| workers | sync img/s | async img/s | async/sync | sync learner busy | "
-          "async learner busy |\n|---|---|---|---|---|---|")  # fmt: skip
-    for w in (int(x) for x in opts["workers"].split(",")):
-        s = schedule("sync", w, steps, **stage)
-        a = schedule("async", w, steps, **stage)
+    parts = opts["parts"].split(",")
+    if "overhead" in parts:
+        o = overhead(steps, threads, "/tmp/raydraft-bench-system")
+        ratio = o["ray_images_per_s"] / o["local_images_per_s"]
+        print("\n## 1. Overhead (the embedded default's work: 64 images x 10 steps per "
+              "iteration; sync, 1 worker, 1 learner)")  # fmt: skip
+        print("| single process img/s | Ray sync img/s | ratio |\n|---|---|---|")
+        print(f"| {o['local_images_per_s']:.2f} | {o['ray_images_per_s']:.2f} | {ratio:.3f} |")
+    if "schedule" in parts:
         print(
-            f"| {w} | {s['images_per_s']:.2f} | {a['images_per_s']:.2f} | "
-            f"{a['images_per_s'] / s['images_per_s']:.2f} | {s['learner_busy']:.0%} | "
-            f"{a['learner_busy']:.0%} |"
+            f"\n## 2. Async vs sync (stages: rollout {stage['rollout_s']} s, reward "
+            f"{stage['reward_s']} s per batch on one worker; update {stage['update_s']} s)"
         )
-
-    print("\n## 3. Weight sync through the object store (median of 3)")
-    counts = [int(x) for x in opts["sync_workers"].split(",")]
-    print("| state MiB | " + " | ".join(f"{n} worker(s) s" for n in counts) + " |")
-    print("|---|" + "---|" * len(counts))
-    for mb in (int(x) for x in opts["sizes_mb"].split(",")):
-        cells = " | ".join(f"{weight_sync(mb, n):.3f}" for n in counts)
-        print(f"| {mb} | {cells} |")
+        print("| workers | sync img/s | async img/s | async/sync | sync learner busy | "
+              "async learner busy |\n|---|---|---|---|---|---|")  # fmt: skip
+        for w in (int(x) for x in opts["workers"].split(",")):
+            s = schedule("sync", w, steps, **stage)
+            a = schedule("async", w, steps, **stage)
+            print(
+                f"| {w} | {s['images_per_s']:.2f} | {a['images_per_s']:.2f} | "
+                f"{a['images_per_s'] / s['images_per_s']:.2f} | {s['learner_busy']:.0%} | "
+                f"{a['learner_busy']:.0%} |"
+            )
+    if "sync" in parts:
+        print("\n## 3. Weight sync through the object store (median of 3)")
+        counts = [int(x) for x in opts["sync_workers"].split(",")]
+        print("| state MiB | " + " | ".join(f"{n} worker(s) s" for n in counts) + " |")
+        print("|---|" + "---|" * len(counts))
+        for mb in (int(x) for x in opts["sizes_mb"].split(",")):
+            cells = " | ".join(f"{weight_sync(mb, n):.3f}" for n in counts)
+            print(f"| {mb} | {cells} |")
     ray.shutdown()

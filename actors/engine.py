@@ -27,12 +27,12 @@ from ray import serve
 
 from actors.cluster import wait_for_start
 from actors.learner import LearnerActor, LearnerGroup
-from actors.reward_serving import deploy_rewards
+from actors.reward_serving import deploy_rewards, rewards_on_serve
 from actors.rollout_worker import RolloutWorker
 from actors.weight_sync import WeightsMessage, WeightSync, from_message
 from raydraft.algorithms.common import PromptBatch
 from raydraft.build import build_policy
-from raydraft.config import DraftConfig, ExperimentConfig
+from raydraft.config import ExperimentConfig
 from raydraft.rollout import RolloutResult
 from raydraft.trainer import prompt_stream
 
@@ -56,7 +56,7 @@ def required_cpus(cfg: ExperimentConfig) -> int:
     """Logical CPUs the roles reserve (a local instance declares at least this many)."""
     r = cfg.ray
     rewards = 0.0
-    if not isinstance(cfg.algorithm, DraftConfig):
+    if rewards_on_serve(cfg):
         rewards = len(cfg.rewards.components) * r.reward_serving.max_replicas
         rewards *= r.reward_serving.num_cpus
     total = r.learners * r.learner_cpus + r.rollout_workers * r.worker_cpus + rewards
@@ -96,7 +96,7 @@ class RayEngine:
     # -- roles ------------------------------------------------------------------------
     def _start_roles(self) -> None:
         r = self.ray_cfg
-        if not isinstance(self.cfg.algorithm, DraftConfig):
+        if rewards_on_serve(self.cfg):
             self.reward_apps = deploy_rewards(
                 self.cfg.rewards, r.reward_serving, r.startup_timeout_s
             )

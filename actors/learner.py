@@ -18,6 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import actor_threads, wait_for_start
+from actors.reward_serving import remote_reward
 from actors.weight_sync import WeightsMessage, to_message
 from raydraft.build import build_algorithm, build_policy, needs_reference
 from raydraft.config import DraftConfig, ExperimentConfig
@@ -33,10 +34,15 @@ class LearnerActor:
         torch.set_num_threads(actor_threads(ray_cfg.learner_cpus, ray_cfg.torch_threads))
         torch.manual_seed(self.cfg.seed)
         policy = build_policy(self.cfg.model, needs_reference(self.cfg))
-        # DRaFT's differentiable reward is part of the loss, so it lives here.
-        reward = (
-            build_reward(self.cfg.rewards) if isinstance(self.cfg.algorithm, DraftConfig) else None
-        )
+        # DRaFT's differentiable reward is part of the loss: here, or served with gradients.
+        reward = None
+        if isinstance(self.cfg.algorithm, DraftConfig):
+            serving = ray_cfg.reward_serving
+            reward = (
+                remote_reward(self.cfg.rewards, serving, differentiable=True)
+                if serving.serve_draft_rewards
+                else build_reward(self.cfg.rewards)
+            )
         self.learner = Learner(
             self.cfg, policy, build_algorithm(self.cfg, policy, reward), rank, world_size
         )

@@ -1,7 +1,7 @@
 """Black-box rewards as Ray Serve deployments, and the client that makes one look local.
 
-One deployment per configured reward component: `@serve.batch` gathers single-image
-requests from every rollout worker into model-sized batches, and Serve autoscales the
+One deployment per configured reward component: `@serve.batch` gathers chunks of images
+from every rollout worker into model-sized batches, and Serve autoscales the
 replicas. Rollout workers call them through `DeploymentHandle`s (no HTTP hop inside the
 cluster); `RemoteReward` is a `raydraft.rewards.base.Reward`, so the composite, the NaN
 checks and `on_bad_reward: drop` work unchanged.
@@ -20,7 +20,7 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raydraft.config import RewardsConfig, RewardServingConfig
+from raydraft.config import DraftConfig, ExperimentConfig, RewardsConfig, RewardServingConfig
 from raydraft.rewards.base import CompositeReward
 from raydraft.rewards.registry import make_reward
 
@@ -31,23 +31,48 @@ def app_name(reward: str) -> str:
     return APP_PREFIX + reward
 
 
+Request = tuple[np.ndarray, list[str], list[dict]]  # a chunk: images (n, C, H, W), prompts, meta
+
+
 class RewardServer:
-    """One reward model behind Serve; each request is one image, answered with one float."""
+    """One reward model behind Serve. A request is a chunk of images; `@serve.batch` joins
+    the chunks that arrive together (from every rollout worker) into one model call."""
 
     def __init__(self, name: str, options: dict[str, Any], max_batch_size: int, wait_s: float):
         self.reward = make_reward(name, options)
-        self.score.set_max_batch_size(max_batch_size)
-        self.score.set_batch_wait_timeout_s(wait_s)
+        for method in (self.score, self.score_with_grad):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(wait_s)
+
+    @staticmethod
+    def _join(requests: list[Request]) -> tuple[torch.Tensor, list[str], list[dict], list[int]]:
+        images = torch.from_numpy(np.concatenate([images for images, _, _ in requests]))
+        prompts = [p for _, chunk, _ in requests for p in chunk]
+        metadata = [m for _, _, chunk in requests for m in chunk]
+        return images, prompts, metadata, [len(chunk) for _, chunk, _ in requests]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score(self, requests: list[tuple[np.ndarray, str, dict]]) -> list[float]:
-        images = torch.from_numpy(np.stack([image for image, _, _ in requests]))
-        prompts = [prompt for _, prompt, _ in requests]
-        metadata = [meta for _, _, meta in requests]
+    async def score(self, requests: list[Request]) -> list[np.ndarray]:
+        images, prompts, metadata, sizes = self._join(requests)
         with torch.no_grad():
             scores = self.reward.score(images, prompts, metadata)
         # Shape and NaN checks belong to the caller, which names the reward and samples.
-        return np.asarray(scores.detach().float().cpu(), dtype=np.float64).tolist()
+        values = np.asarray(scores.detach().float().cpu(), dtype=np.float64)
+        return np.split(values, np.cumsum(sizes)[:-1])
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def score_with_grad(self, requests: list[Request]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Scores and their image gradients: DRaFT with a disaggregated reward. Each score
+        depends on its own image only, so the gradient of the sum is per image."""
+        if not self.reward.differentiable:
+            raise TypeError(f"reward {self.reward.name!r} is not differentiable")
+        images, prompts, metadata, sizes = self._join(requests)
+        images.requires_grad_(True)
+        scores = self.reward.score(images, prompts, metadata)
+        (grads,) = torch.autograd.grad(scores.float().sum(), images)
+        values = np.asarray(scores.detach().float(), dtype=np.float64)
+        bounds = np.cumsum(sizes)[:-1]
+        return list(zip(np.split(values, bounds), np.split(grads.numpy(), bounds), strict=True))
 
     def pid(self) -> int:
         return os.getpid()
@@ -106,40 +131,90 @@ def _wait_until_running(app: str, timeout_s: float) -> None:
 
 
 class RemoteReward:
-    """A reward component served by Serve, scored one request per image."""
+    """A reward component served by Serve, scored one request per image. When
+    `differentiable`, scores of images that require grad carry the served gradient, so
+    DRaFT backpropagates through a reward that lives elsewhere (images.backward(-grad))."""
 
-    differentiable = False
-
-    def __init__(self, name: str, max_retries: int) -> None:
+    def __init__(
+        self, name: str, max_retries: int, images_per_request: int, differentiable: bool = False
+    ) -> None:
         self.name = name
         self.max_retries = max_retries
+        self.images_per_request = images_per_request
+        self.differentiable = differentiable
         self.handle: DeploymentHandle = serve.get_deployment_handle(name, app_name(name))
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata) -> torch.Tensor:
+        if self.differentiable and images.requires_grad:
+            return _ServedScore.apply(images, self, prompts, metadata)
+        answers = self._call("score", images, prompts, metadata)
+        return torch.from_numpy(np.concatenate(answers)).float()
+
+    def score_with_grad(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        answers = self._call("score_with_grad", images, prompts, metadata)
+        scores = torch.from_numpy(np.concatenate([values for values, _ in answers])).float()
+        grads = torch.from_numpy(np.concatenate([grads for _, grads in answers]))
+        return scores, grads.to(images.dtype)
+
+    def _call(self, method: str, images: torch.Tensor, prompts: Sequence[str], metadata) -> list:
+        """Every chunk out at once, then the answers in order; a chunk whose replica died
+        is sent again (Serve replaces replicas)."""
         arrays = images.detach().float().cpu().numpy()
-        pending = {i: self._send(arrays[i], prompts[i], metadata[i]) for i in range(len(arrays))}
-        scores = [0.0] * len(arrays)
-        for i, response in pending.items():
-            scores[i] = self._result(response, arrays[i], prompts[i], metadata[i])
-        return torch.tensor(scores, dtype=torch.float32)
+        step = self.images_per_request
+        requests = [
+            (arrays[i : i + step], list(prompts[i : i + step]), list(metadata[i : i + step]))
+            for i in range(0, len(arrays), step)
+        ]
+        pending = [getattr(self.handle, method).remote(r) for r in requests]
+        answers = zip(pending, requests, strict=True)
+        return [self._result(method, response, request) for response, request in answers]
 
-    def _send(self, image: np.ndarray, prompt: str, meta: dict):
-        return self.handle.score.remote((image, prompt, meta))
-
-    def _result(self, response, image: np.ndarray, prompt: str, meta: dict) -> float:
-        """The score; a request whose replica died is sent again (Serve replaces replicas)."""
+    def _result(self, method: str, response, request: Request) -> Any:
         for attempt in range(self.max_retries + 1):
             try:
-                return float(response.result())
+                return response.result()
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 if attempt == self.max_retries:
                     raise
                 time.sleep(0.5 * (attempt + 1))
-                response = self._send(image, prompt, meta)
+                response = getattr(self.handle, method).remote(request)
         raise AssertionError("unreachable")
 
 
-def remote_reward(cfg: RewardsConfig, serving: RewardServingConfig) -> CompositeReward:
+class _ServedScore(torch.autograd.Function):
+    """scores = reward(images) computed by a Serve replica; backward applies its
+    d score / d image (a reward is per sample, so the Jacobian is block diagonal)."""
+
+    @staticmethod
+    def forward(ctx, images, reward: RemoteReward, prompts, metadata):
+        scores, grads = reward.score_with_grad(images, prompts, metadata)
+        ctx.save_for_backward(grads.to(images.device))
+        return scores.to(images.device)
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        (grads,) = ctx.saved_tensors
+        return grad_scores.view(-1, *[1] * (grads.dim() - 1)) * grads, None, None, None
+
+
+def remote_reward(
+    cfg: RewardsConfig, serving: RewardServingConfig, differentiable: bool = False
+) -> CompositeReward:
     return CompositeReward(
-        [(RemoteReward(c.name, serving.max_retries), c.weight) for c in cfg.components]
+        [
+            (
+                RemoteReward(
+                    c.name, serving.max_retries, serving.images_per_request, differentiable
+                ),
+                c.weight,
+            )
+            for c in cfg.components
+        ]
     )
+
+
+def rewards_on_serve(cfg: ExperimentConfig) -> bool:
+    """Black-box rewards always are; DRaFT's differentiable ones when configured."""
+    return not isinstance(cfg.algorithm, DraftConfig) or cfg.ray.reward_serving.serve_draft_rewards

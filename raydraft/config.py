@@ -178,8 +178,12 @@ class RewardServingConfig(Section):
     downscale_delay_s: NonNegativeFloat = 30.0
     num_cpus: NonNegativeFloat = 0.25  # fractional: whole CPUs starve the other roles
     num_gpus: NonNegativeFloat = 0.0
-    max_batch_size: PositiveInt = 64
+    max_batch_size: PositiveInt = 8  # requests (chunks) joined into one model call
+    images_per_request: PositiveInt = 16  # a chunk: fewer handle calls, still batchable
     batch_wait_timeout_s: NonNegativeFloat = 0.005
+    # DRaFT: serve the differentiable reward too (it answers d score / d image) instead of
+    # running it inside each learner; for reward models too large to sit beside the policy.
+    serve_draft_rewards: bool = False
     max_retries: NonNegativeInt = 3  # per request, when a replica dies under it
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from ray import serve
 from actors.cluster import connect
 from actors.engine import RayEngine
 from actors.learner import LearnerGroup
+from actors.reward_serving import deploy_rewards
 from raydraft.config import load_config
 from raydraft.data.prompts import load_prompts
 from raydraft.rollout import generate
@@ -222,3 +223,30 @@ def test_after_a_learner_dies_resume_equals_the_uninterrupted_run(tmp_path, resu
     assert steps == sorted([1] * 8 + [2] * 8 + [3] * 8)  # every step logged once
     lines = (tmp_path / "interrupted/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_a_served_differentiable_reward_gives_draft_the_local_gradient():
+    """DRaFT-LV with toy-clipscore in the learner vs behind Serve (d score / d image)."""
+    cfg = config(name="toy-draft-lv")
+    local = LocalEngine(cfg)
+    batch = local.prompts.next_batch()
+    result = generate(local.algorithm, local.policy, None, batch, cfg.seed, False)
+    gradients, rewards = {}, {}
+    for served in (False, True):
+        serving = cfg.ray.reward_serving.model_copy(update={"serve_draft_rewards": served})
+        run_cfg = cfg.model_copy(
+            update={"ray": cfg.ray.model_copy(update={"reward_serving": serving})}
+        )
+        apps = deploy_rewards(run_cfg.rewards, serving, 120) if served else {}
+        group = LearnerGroup(run_cfg)
+        try:
+            rewards[served] = group.update(ray.put(result))["reward_mean"]
+            gradients[served] = ray.get(group.leader.last_gradients.remote())
+        finally:
+            group.shutdown()
+            for app in apps.values():
+                serve.delete(app)
+    assert rewards[True] == pytest.approx(rewards[False], abs=1e-6)
+    assert any(g.abs().sum() > 0 for g in gradients[False])
+    for here, served in zip(gradients[False], gradients[True], strict=True):
+        torch.testing.assert_close(served, here, rtol=1e-4, atol=1e-7)
