@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from raydraft.config import DraftConfig, ExperimentConfig, RewardsConfig, RewardServingConfig
-from raydraft.rewards.base import CompositeReward
+from raydraft.rewards.base import CompositeReward, check_shape
 from raydraft.rewards.registry import make_reward
 
 APP_PREFIX = "raydraft-reward-"
@@ -56,7 +56,8 @@ class RewardServer:
         images, prompts, metadata, sizes = self._join(requests)
         with torch.no_grad():
             scores = self.reward.score(images, prompts, metadata)
-        # Shape and NaN checks belong to the caller, which names the reward and samples.
+        check_shape(self.reward.name, scores, len(prompts))  # before splitting by request
+        # NaN checks belong to the caller, which names the reward and the samples.
         values = np.asarray(scores.detach().float().cpu(), dtype=np.float64)
         return np.split(values, np.cumsum(sizes)[:-1])
 
@@ -69,6 +70,7 @@ class RewardServer:
         images, prompts, metadata, sizes = self._join(requests)
         images.requires_grad_(True)
         scores = self.reward.score(images, prompts, metadata)
+        check_shape(self.reward.name, scores, len(prompts))
         (grads,) = torch.autograd.grad(scores.float().sum(), images)
         values = np.asarray(scores.detach().float(), dtype=np.float64)
         bounds = np.cumsum(sizes)[:-1]

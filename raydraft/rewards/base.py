@@ -37,7 +37,7 @@ def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _check_shape(name: str, scores: Any, batch: int) -> None:
+def check_shape(name: str, scores: Any, batch: int) -> None:
     if not isinstance(scores, torch.Tensor) or scores.shape != (batch,):
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise BadRewardError(name, f"expected scores of shape ({batch},), got {shape}")
@@ -58,7 +58,7 @@ def score_or_drop(
     samples are masked out (score 0, valid False) for the caller to count."""
     metadata = metadata if metadata is not None else [{} for _ in prompts]
     scores = reward.score(images, prompts, metadata)
-    _check_shape(reward.name, scores, images.shape[0])
+    check_shape(reward.name, scores, images.shape[0])
     bad = _nonfinite(scores)
     if bad and not drop_bad:
         culprits = getattr(reward, "bad_components", None) or [reward.name]
@@ -97,7 +97,7 @@ class CompositeReward:
         self.last_components, self.bad_components = {}, []
         for reward, weight in self.components:
             scores = reward.score(images, prompts, metadata)
-            _check_shape(reward.name, scores, images.shape[0])
+            check_shape(reward.name, scores, images.shape[0])
             if _nonfinite(scores):
                 self.bad_components.append(reward.name)
             self.last_components[reward.name] = scores.detach().float()
