@@ -55,7 +55,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     cfg = load_config(child, ["learner.betas=[0.8, 0.9]", "learner.max_grad_norm=null"])
     assert cfg.name == "child" and cfg.learner.lr == 1e-5
     assert cfg.learner.betas == (0.8, 0.9) and cfg.learner.max_grad_norm is None
-    assert cfg.algorithm.group_size == 8  # inherited
+    assert cfg.algorithm.group_size == load_config("toy-flowgrpo").algorithm.group_size  # inherited
 
 
 def test_extends_cycle_and_missing_file_are_clear(tmp_path):
