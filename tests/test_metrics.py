@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from overrides import SMALL as BASE
 from prometheus_client.parser import text_string_to_metric_families
 
 from raydraft.config import load_config
@@ -20,16 +21,7 @@ from raydraft.metrics import METRICS, PREFIX, MetricsExporter
 from raydraft.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "sampler.num_steps=3",
-    "data.prompts_per_step=2",
-    "algorithm.group_size=4",
-    "learner.minibatch_size=4",
-    "logging.progress_bar=false",
-    "logging.sample_every=0",
-    "checkpoint.every=0",
-    "logging.metrics_port=0",
-]
+SMALL = [*BASE, "algorithm.group_size=4", "logging.metrics_port=0"]
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:

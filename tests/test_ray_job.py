@@ -10,24 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from overrides import RAY_SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-TINY = [
-    "sampler.num_steps=3",
-    "sampler.eval_num_steps=3",
-    "data.prompts_per_step=2",
-    "algorithm.group_size=4",
-    "learner.minibatch_size=4",
-    "logging.progress_bar=false",
-    "logging.sample_every=1",
-    "logging.eval_per_category=0",
-    "checkpoint.every=1",
-    "ray.torch_threads=1",
-    "ray.worker_cpus=0.5",
-    "ray.learner_cpus=0.5",
-    "ray.reward_serving.num_cpus=0.1",
-]
+TINY = [*RAY_SMALL, "algorithm.group_size=4", "logging.sample_every=1", "checkpoint.every=1"]
 
 pytestmark = pytest.mark.slow
 

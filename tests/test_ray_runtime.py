@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 import ray
 import torch
+from overrides import RAY_SMALL
 from ray import serve
 
 from actors.cluster import connect
@@ -19,21 +20,6 @@ from raydraft.config import load_config
 from raydraft.data.prompts import load_prompts
 from raydraft.rollout import generate
 from raydraft.trainer import LocalEngine, Trainer
-
-TINY = [
-    "sampler.num_steps=3",
-    "sampler.eval_num_steps=3",
-    "data.prompts_per_step=2",
-    "learner.minibatch_size=4",
-    "logging.progress_bar=false",
-    "logging.sample_every=0",
-    "logging.eval_per_category=0",
-    "checkpoint.every=0",
-    "ray.torch_threads=1",
-    "ray.worker_cpus=0.5",
-    "ray.learner_cpus=0.5",
-    "ray.reward_serving.num_cpus=0.1",
-]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +33,7 @@ def cluster():
 
 def config(*overrides, name="toy-flowgrpo"):
     groups = ["algorithm.group_size=4"] if name == "toy-flowgrpo" else []
-    return load_config(name, [*TINY, *groups, *overrides])
+    return load_config(name, [*RAY_SMALL, *groups, *overrides])
 
 
 def test_sync_mode_equals_the_single_process_trainer(tmp_path):

@@ -5,6 +5,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from overrides import SMALL
 
 from raydraft.build import build_policy
 from raydraft.cli import main
@@ -12,16 +13,6 @@ from raydraft.config import ConfigError, load_config
 from raydraft.data.shapes import CATEGORIES
 from raydraft.trainer import Trainer, load_for_inference
 
-SMALL = [
-    "sampler.num_steps=3",
-    "sampler.eval_num_steps=3",
-    "data.prompts_per_step=2",
-    "learner.minibatch_size=4",
-    "logging.progress_bar=false",
-    "logging.sample_every=0",
-    "checkpoint.every=0",
-    "logging.eval_per_category=0",
-]
 GRPO = ["algorithm.group_size=4", *SMALL]
 
 
