@@ -6,7 +6,7 @@ Three tables, each measured side by side in one run on one local Ray instance:
 2. async vs sync: learner busy fraction and images/s with stage costs in chosen
    proportions (the real toy work plus sleeps), for 1, 2, 4, 8 rollout workers;
 3. weight sync: seconds to publish a state of a given size to N workers and have each
-   materialise it as tensors (the object-store path).
+   hold it as tensors, through the object store and through the broadcast group.
 """
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ import numpy as np
 import ray
 import torch
 
-from actors.cluster import connect
+from actors.broadcast_group import BroadcastGroup, plan_buckets
+from actors.cluster import connect, rendezvous_address
 from actors.engine import RayEngine
 from actors.learner import LearnerActor
 from actors.rollout_worker import RolloutWorker
-from actors.weight_sync import WeightsMessage, WeightSync, from_message
+from actors.weight_sync import (
+    WEIGHTS_GROUP,
+    CollectiveSync,
+    ObjectStoreSync,
+    WeightsMessage,
+    from_message,
+)
 from raydraft.algorithms.common import PromptBatch
 from raydraft.config import load_config
 from raydraft.rollout import RolloutResult
@@ -147,30 +154,64 @@ def schedule(
     return {"images_per_s": images / wall, "learner_busy": busy / wall}
 
 
-@ray.remote(num_cpus=0.1)
+@ray.remote(num_cpus=0.1, concurrency_groups={WEIGHTS_GROUP: 1})
 class Receiver:
-    """Materialises published weights as tensors, as a rollout worker's set_weights does."""
+    """Takes published weights as tensors, as a rollout worker does (both transports)."""
 
     def set_weights(self, message: WeightsMessage) -> int:
         state = from_message(message)
         return sum(t.numel() for t in state.values())
 
+    def open_weight_group(self, host, port, rank, world_size, buckets, timeout_s) -> None:
+        self.buckets = buckets
+        self.group = BroadcastGroup(host, port, rank, world_size, torch.device("cpu"), timeout_s)
 
-def weight_sync(size_mb: int, workers: int, repeats: int = 3) -> float:
+    def receive_weights(self) -> int:
+        return self.group.receive(self.buckets)[0]
+
+
+@ray.remote(num_cpus=0.1)
+class Sender:
+    """A learner rank 0 that only holds a state of the chosen size and broadcasts it."""
+
+    def __init__(self, state: dict[str, np.ndarray]) -> None:
+        self.state = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+        self.version = 0
+
+    def address(self) -> tuple[str, int]:
+        return rendezvous_address()
+
+    def weights(self) -> WeightsMessage:
+        return WeightsMessage(self.version, {k: v.numpy() for k, v in self.state.items()})
+
+    def weight_buckets(self, bucket_bytes: int):
+        self.buckets = plan_buckets(self.state, bucket_bytes)
+        return self.buckets
+
+    def open_weight_group(self, host, port, world_size, timeout_s) -> None:
+        self.group = BroadcastGroup(host, port, 0, world_size, torch.device("cpu"), timeout_s)
+
+    def send_weights(self) -> tuple[int, int]:
+        return self.version, self.group.send(self.state, self.buckets, self.version)
+
+
+def weight_sync(size_mb: int, workers: int, transport: str, repeats: int = 3) -> float:
     """Median seconds from publish to every worker holding the tensors."""
     per_tensor = 4 * 2**20  # 4 MiB tensors, as a model's state dict has many
     n_tensors = max(1, size_mb * 2**20 // per_tensor)
     numel = min(size_mb * 2**20, per_tensor) // 4
     state = {f"w{i}": np.ones(numel, np.float32) for i in range(n_tensors)}
+    sender = Sender.remote(state)
     receivers = [Receiver.remote() for _ in range(workers)]
-    ray.get([r.__ray_ready__.remote() for r in receivers])
-    sync, times = WeightSync(), []
-    for version in range(repeats):
+    sync = ObjectStoreSync() if transport == "object_store" else CollectiveSync(256, 60)
+    ray.get(sync.open(sender, receivers))
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
-        ray.get(sync.publish(WeightsMessage(version, state), receivers))
+        ray.get(sync.publish(sender, receivers))
         times.append(time.perf_counter() - start)
-    for r in receivers:
-        ray.kill(r)
+    for actor in (sender, *receivers):
+        ray.kill(actor)
     return statistics.median(times)
 
 
@@ -207,11 +248,12 @@ def run(options: list[str]) -> None:
                 f"{a['learner_busy']:.0%} |"
             )
     if "sync" in parts:
-        print("\n## 3. Weight sync through the object store (median of 3)")
+        print("\n## 3. Weight sync, publish to every worker holding tensors (median of 3)")
         counts = [int(x) for x in opts["sync_workers"].split(",")]
-        print("| state MiB | " + " | ".join(f"{n} worker(s) s" for n in counts) + " |")
-        print("|---|" + "---|" * len(counts))
+        transports = ("object_store", "collective")
+        header = " | ".join(f"{t} {n} worker(s) s" for t in transports for n in counts)
+        print(f"| state MiB | {header} |\n|---|" + "---|" * (len(counts) * 2))
         for mb in (int(x) for x in opts["sizes_mb"].split(",")):
-            cells = " | ".join(f"{weight_sync(mb, n):.3f}" for n in counts)
+            cells = " | ".join(f"{weight_sync(mb, n, t):.3f}" for t in transports for n in counts)
             print(f"| {mb} | {cells} |")
     ray.shutdown()

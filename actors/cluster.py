@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 from ray._private import ray_constants
@@ -10,6 +11,9 @@ from ray._private import ray_constants
 # Without this Ray on Linux resolves 127.0.0.1 to the machine's external address and
 # binds GCS, raylet and metrics there (../shared/research/env-ray.md).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+# How a dead actor shows when its results are fetched.
+WORKER_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -36,6 +40,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
 def actor_threads(cpus: float, configured: int | None) -> int:
     """torch threads for an actor: the configured count, else its CPU share (at least 1)."""
     return configured or max(1, int(cpus))
+
+
+def rendezvous_address() -> tuple[str, int]:
+    """This node's address and a free port on it: where a process group meets."""
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return host, s.getsockname()[1]
 
 
 def wait_for_start(refs: list[ray.ObjectRef], what: str, timeout_s: float) -> list:

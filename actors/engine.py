@@ -25,18 +25,23 @@ from typing import Any
 import ray
 from ray import serve
 
-from actors.cluster import wait_for_start
+from actors.cluster import WORKER_FAILURES, wait_for_start
 from actors.learner import LearnerActor, LearnerGroup
 from actors.reward_serving import deploy_rewards, rewards_on_serve
 from actors.rollout_worker import RolloutWorker
-from actors.weight_sync import WeightsMessage, WeightSync, from_message
+from actors.weight_sync import (
+    WEIGHTS_GROUP,
+    BroadcastFailed,
+    from_message,
+    unresponsive,
+    weight_sync_for,
+)
 from raydraft.algorithms.common import PromptBatch
 from raydraft.build import build_policy
 from raydraft.config import ExperimentConfig
 from raydraft.rollout import RolloutResult
 from raydraft.trainer import prompt_stream
 
-WORKER_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 MAX_REISSUES = 5
 
 
@@ -73,7 +78,7 @@ class RayEngine:
         """`worker_class` / `learner_class`: the role implementations (subclasses let the
         system benchmark give stages chosen costs)."""
         self.cfg = cfg
-        self.worker_class = ray.remote(worker_class)
+        self.worker_class = ray.remote(concurrency_groups={WEIGHTS_GROUP: 1})(worker_class)
         self.learner_class = learner_class
         self.ray_cfg = cfg.ray
         self.cfg_dict = cfg.model_dump(mode="json")
@@ -83,8 +88,7 @@ class RayEngine:
         self.reward_apps: dict[str, str] = {}
         self.learners: LearnerGroup | None = None
         self.workers: list = []
-        self.weights = WeightSync()
-        self.version = 0
+        self.weights = weight_sync_for(cfg)
         self.in_flight: deque[InFlight] = deque()
         self.reissued_parts = 0
         try:
@@ -102,12 +106,11 @@ class RayEngine:
             )
         self.learners = LearnerGroup(self.cfg, self.learner_class)
         self.workers = [self._start_worker(i) for i in range(r.rollout_workers)]
-        acks = self.weights.publish(self._leader_weights(), self.workers)
-        wait_for_start(
-            acks,
-            f"{r.rollout_workers} rollout worker(s) of {r.worker_cpus} CPU, {r.worker_gpus} GPU",
-            r.startup_timeout_s,
-        )
+        what = f"{r.rollout_workers} rollout worker(s) of {r.worker_cpus} CPU, {r.worker_gpus} GPU"
+        wait_for_start([w.pid.remote() for w in self.workers], what, r.startup_timeout_s)
+        leader = self.learners.leader
+        ray.get(self.weights.open(leader, self.workers))
+        ray.get(self.weights.publish(leader, self.workers))
 
     def _start_worker(self, index: int):
         r = self.ray_cfg
@@ -118,31 +121,50 @@ class RayEngine:
             max_task_retries=0,
         ).remote(self.cfg_dict, index)
 
-    def _leader_weights(self) -> WeightsMessage:
-        message = ray.get(self.learners.leader.weights.remote())
-        self.version = message.version
-        return message
-
     def _publish(self) -> None:
-        acks = self.weights.publish(self._leader_weights(), self.workers)
+        try:
+            acks = self.weights.publish(self.learners.leader, self.workers)
+        except BroadcastFailed:  # the group is closed: restart the dead, rebuild, resend
+            self._revive(unresponsive(self.workers, self.ray_cfg.weight_sync_timeout_s))
+            return
         if self.ray_cfg.mode == "sync":
             self._wait_for_weights(acks)
 
     def _wait_for_weights(self, acks: list[ray.ObjectRef]) -> None:
+        dead = []
         for index, ack in enumerate(acks):
             try:
                 ray.get(ack)
             except WORKER_FAILURES:
-                self._revive(index)
+                dead.append(index)
+        if dead:
+            self._revive(dead)
 
-    def _revive(self, index: int) -> None:
-        """A worker that failed: wait for Ray's restart, or replace it, then resend weights."""
-        worker = self.workers[index]
-        try:
-            ray.get(worker.version.remote(), timeout=60)
-        except (*WORKER_FAILURES, ray.exceptions.GetTimeoutError):
-            worker = self.workers[index] = self._start_worker(index)
-        ray.get(self.weights.send_latest(worker))
+    def _revive(self, dead: list[int]) -> None:
+        """Workers that failed: restart them and bring every worker to the newest weights
+        (collective: the group is rebuilt, so a worker failing meanwhile joins the list;
+        an error no dead worker explains is raised)."""
+        for _ in range(MAX_REISSUES + 1):
+            for index in dead:
+                self._restart(index)
+            dead = self.weights.catch_up(self.learners.leader, self.workers, dead)
+            if not dead:
+                return
+        raise RuntimeError(f"rollout workers {dead} kept failing while receiving weights")
+
+    def _restart(self, index: int, wait_s: float = 60.0) -> None:
+        """Wait for Ray's restart of a failed worker; replace it when it is gone for good
+        (out of restarts) or not back within `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.workers[index].version.remote(), timeout=wait_s)
+                return
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+                time.sleep(0.5)
+            except (*WORKER_FAILURES, ray.exceptions.GetTimeoutError):
+                break
+        self.workers[index] = self._start_worker(index)
 
     # -- iterations -------------------------------------------------------------------
     def _depth(self) -> int:
@@ -172,7 +194,7 @@ class RayEngine:
                 except WORKER_FAILURES:
                     if attempt == MAX_REISSUES:
                         raise
-                    self._revive(w)
+                    self._revive([w])
                     self.reissued_parts += 1
                     ref = self.workers[w].generate.remote(part, job.min_version)
         return RolloutResult.concat(results)

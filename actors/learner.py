@@ -8,7 +8,6 @@ NCCL on GPU, so every rank applies the same update and rank 0 speaks for the gro
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import ray
@@ -17,7 +16,8 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.cluster import actor_threads, wait_for_start
+from actors.broadcast_group import BroadcastGroup, Buckets, plan_buckets
+from actors.cluster import actor_threads, rendezvous_address, wait_for_start
 from actors.reward_serving import remote_reward
 from actors.weight_sync import WeightsMessage, to_message
 from raydraft.build import build_algorithm, build_policy, needs_reference
@@ -46,13 +46,11 @@ class LearnerActor:
         self.learner = Learner(
             self.cfg, policy, build_algorithm(self.cfg, policy, reward), rank, world_size
         )
+        self.weight_group: BroadcastGroup | None = None  # rank 0: the full-weight broadcast
+        self.buckets: Buckets = []
 
     def address(self) -> tuple[str, int]:
-        """This node's address and a free port on it: the process group's rendezvous."""
-        host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        return rendezvous_address()
 
     def init_process_group(self, host: str, port: int) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -69,6 +67,25 @@ class LearnerActor:
     def weights(self) -> WeightsMessage:
         policy = self.learner.policy
         return to_message(policy.version, policy.trainable_state())
+
+    def weight_buckets(self, bucket_bytes: int) -> Buckets:
+        self.buckets = plan_buckets(self.learner.policy.trainable_state(), bucket_bytes)
+        return self.buckets
+
+    def open_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        self.weight_group = None  # a broken group first closes its connections
+        device = self.learner.policy.device
+        self.weight_group = BroadcastGroup(host, port, 0, world_size, device, timeout_s)
+
+    def send_weights(self) -> tuple[int, int]:
+        """Broadcast the trainable state to the workers: (version, bytes sent)."""
+        policy = self.learner.policy
+        try:
+            sent = self.weight_group.send(policy.trainable_state(), self.buckets, policy.version)
+        except BaseException:
+            self.weight_group = None  # a member failed: the group is unusable
+            raise
+        return policy.version, sent
 
     def inference_weights(self) -> WeightsMessage:
         """The weights to sample with for evaluation: the EMA shadow when kept."""

@@ -1,14 +1,23 @@
-"""RolloutWorker: a policy copy that turns prompt batches into (scored) rollouts."""
+"""RolloutWorker: a policy copy that turns prompt batches into (scored) rollouts.
+
+Weights arrive two ways (`actors.weight_sync`): `set_weights` in call order with the
+batches (object store), or `receive_weights` on the worker's weights thread (broadcast
+group), staged and applied before the next batch: a sample is never resumed halfway
+under new weights.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 
+import ray
 import torch
 
+from actors.broadcast_group import BroadcastGroup, Buckets
 from actors.cluster import actor_threads
 from actors.reward_serving import remote_reward
-from actors.weight_sync import WeightsMessage, from_message
+from actors.weight_sync import WEIGHTS_GROUP, WeightsMessage, from_message
 from raydraft.algorithms.common import PromptBatch
 from raydraft.build import build_algorithm, build_policy
 from raydraft.config import ExperimentConfig
@@ -32,12 +41,40 @@ class RolloutWorker:
             if self.algorithm.scores_rollouts
             else None
         )
+        self.weight_group: BroadcastGroup | None = None
+        self.buckets: Buckets = []
+        self.staged: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.weights_arrived = threading.Condition()
 
     def set_weights(self, message: WeightsMessage) -> int:
         self.policy.load_trainable(from_message(message), message.version)
         return message.version
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
+    def open_weight_group(
+        self, host: str, port: int, rank: int, world_size: int, buckets: Buckets, timeout_s: float
+    ) -> None:
+        self.weight_group = None  # a broken group first closes its connections
+        self.buckets = buckets
+        device = self.policy.device
+        self.weight_group = BroadcastGroup(host, port, rank, world_size, device, timeout_s)
+
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
+    def receive_weights(self) -> int:
+        if self.weight_group is None:
+            raise RuntimeError(f"worker {self.index} has no open weight group")
+        try:
+            version, state = self.weight_group.receive(self.buckets)
+        except BaseException:
+            self.weight_group = None
+            raise
+        with self.weights_arrived:
+            self.staged = (version, state)
+            self.weights_arrived.notify_all()
+        return version
+
     def generate(self, batch: PromptBatch, min_version: int) -> RolloutResult:
+        self._apply_staged_weights(min_version)
         if self.policy.version < min_version:
             raise StaleWeightsError(
                 f"worker {self.index} holds version {self.policy.version}, "
@@ -46,8 +83,25 @@ class RolloutWorker:
         drop = self.cfg.rewards.on_bad_reward == "drop"
         return generate(self.algorithm, self.policy, self.reward, batch, self.cfg.seed, drop)
 
+    def _apply_staged_weights(self, min_version: int) -> None:
+        """Take the newest staged weights, waiting a while for `min_version` if a
+        broadcast is still arriving."""
+        with self.weights_arrived:
+            if self.weight_group is not None:
+                self.weights_arrived.wait_for(
+                    lambda: (
+                        self.policy.version >= min_version
+                        or (self.staged is not None and self.staged[0] >= min_version)
+                    ),
+                    timeout=self.cfg.ray.weight_sync_timeout_s,
+                )
+            staged, self.staged = self.staged, None
+        if staged is not None and staged[0] > self.policy.version:
+            self.policy.load_trainable(staged[1], staged[0])
+
     def version(self) -> int:
         return self.policy.version
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def pid(self) -> int:
         return os.getpid()

@@ -1,18 +1,31 @@
-"""Versioned weight broadcast from learner rank 0 to the rollout workers.
+"""Versioned weight sync from learner rank 0 to the rollout workers, two transports.
 
-States travel through the object store as NumPy arrays: one `ray.put`, and each worker on
-the node maps it without a copy (torch tensors pickle about 10x slower,
-../shared/research/env-ray.md).
+`ObjectStoreSync` (LoRA states, MBs): one `ray.put` of NumPy arrays per version, which
+each worker on a node maps without a copy (torch tensors pickle about 10x slower,
+../shared/research/env-ray.md); a restarted worker is sent the newest object.
+
+`CollectiveSync` (full weights, GBs): a broadcast group of the leader and every worker
+(`actors.broadcast_group`), opened once and kept; a version travels in buckets, GPU to GPU
+under NCCL. Workers receive on a thread of their own and apply the new weights before
+their next batch, so a sync never waits for sampling in flight. A member that dies breaks
+the group for everyone: the engine restarts it and `catch_up` reopens the group and sends
+the newest version again.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
+
+from actors.broadcast_group import Buckets
+from actors.cluster import WORKER_FAILURES
+from raydraft.config import ExperimentConfig
+
+# Rollout workers handle weight traffic here, beside the batch they are sampling.
+WEIGHTS_GROUP = "weights"
 
 
 @dataclass
@@ -33,26 +46,114 @@ def from_message(message: WeightsMessage) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v)) for k, v in message.state.items()}
 
 
-class WeightSync:
+class ObjectStoreSync:
     """Publishes each new version once; remembers the newest for restarted workers."""
 
     def __init__(self) -> None:
         self.latest: ray.ObjectRef | None = None
         self.version = -1
         self.last_bytes = 0
-        self.last_seconds = 0.0
 
-    def publish(self, message: WeightsMessage, workers: list) -> list[ray.ObjectRef]:
-        """Send `message` to every worker; returns the acknowledgements to wait on."""
-        start = time.perf_counter()
+    def open(self, leader, workers: list) -> list[ray.ObjectRef]:
+        return []
+
+    def publish(self, leader, workers: list) -> list[ray.ObjectRef]:
+        """Send the leader's weights to every worker; returns the acknowledgements."""
+        return self.send(ray.get(leader.weights.remote()), workers)
+
+    def send(self, message: WeightsMessage, workers: list) -> list[ray.ObjectRef]:
         self.latest = ray.put(message)
         self.version = message.version
         self.last_bytes = message.nbytes
-        acks = [w.set_weights.remote(self.latest) for w in workers]
-        self.last_seconds = time.perf_counter() - start
-        return acks
+        return [w.set_weights.remote(self.latest) for w in workers]
 
-    def send_latest(self, worker) -> ray.ObjectRef:
+    def catch_up(self, leader, workers: list, revived: list[int]) -> list[int]:
+        """Send the newest version to the `revived` workers; returns those that failed."""
         if self.latest is None:
             raise RuntimeError("no weights were published yet")
-        return worker.set_weights.remote(self.latest)
+        failed = []
+        for index in revived:
+            try:
+                ray.get(workers[index].set_weights.remote(self.latest))
+            except WORKER_FAILURES:
+                failed.append(index)
+        return failed
+
+
+class BroadcastFailed(RuntimeError):
+    """A member of the broadcast group failed during a sync."""
+
+
+class CollectiveSync:
+    def __init__(self, bucket_mb: float, timeout_s: float) -> None:
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.timeout_s = timeout_s
+        self.buckets: Buckets | None = None
+        self.version = -1
+        self.last_bytes = 0
+
+    def open(self, leader, workers: list) -> list[ray.ObjectRef]:
+        """(Re)build the group of the leader (rank 0) and every worker; returns the calls
+        that complete once all members have joined."""
+        if self.buckets is None:
+            self.buckets = ray.get(leader.weight_buckets.remote(self.bucket_bytes))
+        host, port = ray.get(leader.address.remote())
+        world = len(workers) + 1
+        joins = [leader.open_weight_group.remote(host, port, world, self.timeout_s)]
+        for rank, worker in enumerate(workers, start=1):
+            joins.append(
+                worker.open_weight_group.remote(
+                    host, port, rank, world, self.buckets, self.timeout_s
+                )
+            )
+        return joins
+
+    def publish(self, leader, workers: list) -> list[ray.ObjectRef]:
+        """Broadcast the leader's weights; raises `BroadcastFailed` when a member failed
+        (the group is then closed: `catch_up` reopens it)."""
+        acks = [w.receive_weights.remote() for w in workers]
+        try:
+            self.version, self.last_bytes = ray.get(leader.send_weights.remote())
+        except ray.exceptions.RayTaskError as error:
+            raise BroadcastFailed(str(error)) from error
+        return acks
+
+    def catch_up(self, leader, workers: list, revived: list[int]) -> list[int]:
+        """Rebuild the group with every worker (the `revived` ones joining anew) and send
+        the newest version to all; returns the workers that failed meanwhile (empty: done)."""
+        try:
+            ray.get(self.open(leader, workers), timeout=self.timeout_s)
+            ray.get(self.publish(leader, workers), timeout=self.timeout_s)
+        except (
+            *WORKER_FAILURES,
+            BroadcastFailed,
+            ray.exceptions.RayTaskError,  # a member's side of the rendezvous or broadcast
+            ray.exceptions.GetTimeoutError,
+        ):
+            dead = unresponsive(workers, self.timeout_s)
+            if not dead:
+                raise
+            return dead
+        return []
+
+
+def unresponsive(workers: list, timeout_s: float) -> list[int]:
+    """Indices of the workers that do not answer a ping (on their weights thread)."""
+    pings = [w.pid.remote() for w in workers]
+    dead = []
+    for index, ping in enumerate(pings):
+        try:
+            ray.get(ping, timeout=timeout_s)
+        except (*WORKER_FAILURES, ray.exceptions.GetTimeoutError):
+            dead.append(index)
+    return dead
+
+
+def weight_sync_for(cfg: ExperimentConfig) -> ObjectStoreSync | CollectiveSync:
+    r = cfg.ray
+    transport = r.weight_sync
+    if transport == "auto":
+        transport = "object_store" if cfg.model.lora.enabled else "collective"
+    if transport == "object_store":
+        return ObjectStoreSync()
+    return CollectiveSync(r.weight_bucket_mb, r.weight_sync_timeout_s)

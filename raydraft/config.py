@@ -209,6 +209,11 @@ class RayConfig(Section):
     learner_gpus: NonNegativeFloat = 0.0
     torch_threads: PositiveInt | None = None  # per actor; None: its CPU count, at least 1
     worker_max_restarts: NonNegativeInt = 3
+    # How new weights reach the rollout workers: LoRA states (MBs) through the object
+    # store; full weights through a broadcast group (gloo/NCCL) in buckets. auto: by LoRA.
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
+    weight_bucket_mb: PositiveFloat = 256.0
+    weight_sync_timeout_s: PositiveFloat = 120.0  # a broadcast peer silent this long: failed
     startup_timeout_s: PositiveFloat = 300.0  # roles not placed by then: an error, not a hang
     reward_serving: RewardServingConfig = RewardServingConfig()
 

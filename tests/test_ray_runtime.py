@@ -31,14 +31,27 @@ def cluster():
         ray.shutdown()
 
 
+# Full fine-tuning, its weights broadcast over a gloo group in 1 MiB buckets (about 11).
+COLLECTIVE = [
+    "model.lora.enabled=false",
+    "ray.weight_sync=collective",
+    "ray.weight_bucket_mb=1",
+    "ray.weight_sync_timeout_s=30",
+]
+TRANSPORTS = pytest.mark.parametrize(
+    "transport", [[], COLLECTIVE], ids=["object-store-lora", "collective-full"]
+)
+
+
 def config(*overrides, name="toy-flowgrpo"):
     groups = ["algorithm.group_size=4"] if name == "toy-flowgrpo" else []
     return load_config(name, [*RAY_SMALL, *groups, *overrides])
 
 
-def test_sync_mode_equals_the_single_process_trainer(tmp_path):
+@TRANSPORTS
+def test_sync_mode_equals_the_single_process_trainer(tmp_path, transport):
     torch.set_num_threads(1)  # the actors run one thread each: same kernels, same sums
-    cfg = config("algorithm.kl_beta=0.1")
+    cfg = config("algorithm.kl_beta=0.1", "ray.rollout_workers=2", *transport)
     local = Trainer(cfg, tmp_path / "local")
     expected = [local.train_step() for _ in range(2)]
     engine = RayEngine(cfg)
@@ -49,6 +62,8 @@ def test_sync_mode_equals_the_single_process_trainer(tmp_path):
             weights = engine.policy.trainable_state()
     finally:
         engine.close()
+    state_bytes = sum(v.numel() * v.element_size() for v in weights.values())
+    assert [m["weight_sync_bytes"] for m in got] == [state_bytes] * 2
     for key in ("policy_loss", "kl_ref", "reward_mean", "grad_norm", "ratio_mean"):
         assert [m[key] for m in got] == pytest.approx([m[key] for m in expected], abs=1e-6), key
     for name, value in local.policy.trainable_state().items():
@@ -81,9 +96,14 @@ def test_two_learners_with_half_batches_give_the_full_batch_gradient(name):
         torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-7)
 
 
-def test_async_mode_never_trains_on_rollouts_older_than_max_staleness(tmp_path):
+@TRANSPORTS
+def test_async_mode_never_trains_on_rollouts_older_than_max_staleness(tmp_path, transport):
     cfg = config(
-        "ray.mode=async", "ray.max_staleness=1", "ray.rollout_workers=2", "logging.metrics_port=0"
+        "ray.mode=async",
+        "ray.max_staleness=1",
+        "ray.rollout_workers=2",
+        "logging.metrics_port=0",
+        *transport,
     )
     engine = RayEngine(cfg)
     try:
@@ -109,11 +129,12 @@ def _rows(path):
     return pq.read_table(path).to_pylist()
 
 
+@TRANSPORTS
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
-def test_a_dead_rollout_worker_is_restarted_and_its_batch_sampled_once(tmp_path, how):
+def test_a_dead_rollout_worker_is_restarted_and_its_batch_sampled_once(tmp_path, how, transport):
     """`ray.kill` is a death Ray knows of; SIGKILL is a crash it learns of afterwards
     (like `os._exit` in the worker: the process is gone without a word)."""
-    cfg = config("ray.rollout_workers=2")
+    cfg = config("ray.rollout_workers=2", *transport)
     engine = RayEngine(cfg)
     try:
         trainer = Trainer(cfg, tmp_path / "run", engine=engine)
@@ -139,6 +160,25 @@ def test_a_dead_rollout_worker_is_restarted_and_its_batch_sampled_once(tmp_path,
     assert sorted(per_iteration) == [0, 1, 2]
     for samples in per_iteration.values():
         assert len(samples) == 8 and len(set(samples)) == 8
+
+
+def test_a_worker_dead_at_a_weight_sync_is_restarted_and_the_group_rebuilt(tmp_path):
+    cfg = config("ray.rollout_workers=2", *COLLECTIVE)
+    engine = RayEngine(cfg)
+    try:
+        trainer = Trainer(cfg, tmp_path / "run", engine=engine)
+        trainer.train_step()
+        old_pid = ray.get(engine.workers[0].pid.remote())
+        os.kill(old_pid, signal.SIGKILL)
+        engine._publish()  # the sync after an update, with a dead member in the group
+        assert ray.get(engine.workers[0].pid.remote()) != old_pid
+        metrics = trainer.train_step()
+        assert metrics["policy_version"] == 2 and metrics["staleness"] == 0
+        trainer.run.flush_rollouts()
+    finally:
+        engine.close()
+    rows = [r for p in (tmp_path / "run/rollouts").glob("*.parquet") for r in _rows(p)]
+    assert {(r["iteration"], r["policy_version"]) for r in rows} == {(0, 0), (1, 1)}
 
 
 def test_a_killed_reward_replica_is_replaced_and_the_request_retried(tmp_path):
