@@ -8,6 +8,7 @@ NCCL on GPU, so every rank applies the same update and rank 0 speaks for the gro
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import ray
@@ -25,6 +26,7 @@ from raydraft.config import DraftConfig, ExperimentConfig
 from raydraft.learner import Learner
 from raydraft.rewards.registry import build_reward
 from raydraft.rollout import RolloutResult
+from raydraft.sharding import gather
 
 
 class LearnerActor:
@@ -43,9 +45,12 @@ class LearnerActor:
                 if serving.serve_draft_rewards
                 else build_reward(self.cfg.rewards)
             )
-        self.learner = Learner(
-            self.cfg, policy, build_algorithm(self.cfg, policy, reward), rank, world_size
-        )
+        algorithm = build_algorithm(self.cfg, policy, reward)
+        self.rank, self.world_size = rank, world_size
+        self.make_learner = partial(Learner, self.cfg, policy, algorithm, rank, world_size)
+        # With several ranks the Learner is made once the process group is up (FSDP
+        # shards over it).
+        self.learner = self.make_learner() if world_size == 1 else None
         self.weight_group: BroadcastGroup | None = None  # rank 0: the full-weight broadcast
         self.buckets: Buckets = []
 
@@ -57,37 +62,53 @@ class LearnerActor:
         dist.init_process_group(
             backend,
             init_method=f"tcp://{host}:{port}",
-            rank=self.learner.rank,
-            world_size=self.learner.world_size,
+            rank=self.rank,
+            world_size=self.world_size,
         )
+        self.learner = self.make_learner()
 
     def update(self, result: RolloutResult) -> dict[str, float]:
         return self.learner.update(result)
 
-    def weights(self) -> WeightsMessage:
-        policy = self.learner.policy
-        return to_message(policy.version, policy.trainable_state())
+    # Under FSDP the methods below gather the sharded state, a collective: the group calls
+    # them on every rank (`LearnerGroup.leader`) and only rank 0 answers.
+    @property
+    def answers(self) -> bool:
+        return self.learner.rank == 0 or not self.learner.sharded
 
-    def weight_buckets(self, bucket_bytes: int) -> Buckets:
-        self.buckets = plan_buckets(self.learner.policy.trainable_state(), bucket_bytes)
+    def weights(self) -> WeightsMessage | None:
+        policy = self.learner.policy
+        state = policy.trainable_state()
+        return to_message(policy.version, state) if self.answers else None
+
+    def weight_buckets(self, bucket_bytes: int) -> Buckets | None:
+        state = self.learner.policy.trainable_state()
+        if self.learner.rank != 0:
+            return None
+        self.buckets = plan_buckets(state, bucket_bytes)
         return self.buckets
 
     def open_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        if self.learner.rank != 0:
+            return
         self.weight_group = None  # a broken group first closes its connections
         device = self.learner.policy.device
         self.weight_group = BroadcastGroup(host, port, 0, world_size, device, timeout_s)
 
-    def send_weights(self) -> tuple[int, int]:
+    def send_weights(self) -> tuple[int, int] | None:
         """Broadcast the trainable state to the workers: (version, bytes sent)."""
         policy = self.learner.policy
+        state = policy.trainable_state()
+        if self.learner.rank != 0:
+            return None
         try:
-            sent = self.weight_group.send(policy.trainable_state(), self.buckets, policy.version)
+            sent = self.weight_group.send(state, self.buckets, policy.version)
         except BaseException:
             self.weight_group = None  # a member failed: the group is unusable
             raise
         return policy.version, sent
 
-    def inference_weights(self) -> WeightsMessage:
+    def inference_weights(self) -> WeightsMessage | None:
         """The weights to sample with for evaluation: the EMA shadow when kept."""
         learner = self.learner
         if learner.ema is None:
@@ -95,19 +116,39 @@ class LearnerActor:
         with learner.ema.applied():
             return self.weights()
 
-    def state(self) -> tuple[dict[str, Any], dict[str, Any], int]:
+    def state(self) -> tuple[dict[str, Any], dict[str, Any], int] | None:
         tensors, optimizer = self.learner.state()
-        return tensors, optimizer, self.learner.policy.version
+        return (tensors, optimizer, self.learner.policy.version) if self.answers else None
+
+    def last_gradients(self) -> list[torch.Tensor] | None:
+        """The gradients of the last optimizer step, as applied (summed over ranks)."""
+        grads = [gather(p.grad).clone() for p in self.learner.params]
+        return grads if self.answers else None
 
     def load_state(self, tensors: dict[str, Any], optimizer: dict[str, Any], version: int) -> None:
         self.learner.load_state(tensors, optimizer, version)
 
-    def last_gradients(self) -> list[torch.Tensor]:
-        """The gradients of the last optimizer step, as applied (summed over ranks)."""
-        return [p.grad.clone() for p in self.learner.params]
-
     def pid(self) -> int:
         return os.getpid()
+
+
+class AllRanks:
+    """`.method.remote(*args)` on every actor in order; returns the first one's ref."""
+
+    def __init__(self, actors: list) -> None:
+        self.actors = actors
+
+    def __getattr__(self, method: str) -> _AllRanksMethod:
+        return _AllRanksMethod(self.actors, method)
+
+
+class _AllRanksMethod:
+    def __init__(self, actors: list, method: str) -> None:
+        self.actors, self.method = actors, method
+
+    def remote(self, *args: Any) -> ray.ObjectRef:
+        refs = [getattr(a, self.method).remote(*args) for a in self.actors]
+        return refs[0]
 
 
 class LearnerGroup:
@@ -127,6 +168,7 @@ class LearnerGroup:
         except RuntimeError:
             remove_placement_group(self.placement)
             raise
+        self.sharded = cfg.learner.fsdp and n > 1
         cfg_dict = cfg.model_dump(mode="json")
         self.actors = [
             ray.remote(actor_class)
@@ -144,7 +186,9 @@ class LearnerGroup:
 
     @property
     def leader(self):
-        return self.actors[0]
+        """Rank 0's handle; under FSDP a stand-in that calls every rank (gathering a
+        sharded state is a collective) and answers with rank 0's result."""
+        return AllRanks(self.actors) if self.sharded else self.actors[0]
 
     def update(self, result: ray.ObjectRef | RolloutResult) -> dict[str, float]:
         return ray.get([a.update.remote(result) for a in self.actors])[0]

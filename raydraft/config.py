@@ -149,6 +149,9 @@ class LearnerConfig(Section):
     minibatch_size: PositiveInt = 8
     grad_accum_steps: PositiveInt = 1
     ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
+    # FSDP2: shard weights, gradients and optimizer state across the ray.learners ranks
+    # (full fine-tuning of models that do not fit one device; one rank: nothing to shard).
+    fsdp: bool = False
 
 
 class CheckpointConfig(Section):
@@ -239,6 +242,11 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "logging.eval_per_category evaluates on the shapes world: "
                 f"data.prompts must be a shapes-* set, not {self.data.prompts!r}"
+            )
+        if self.learner.fsdp and self.model.lora.enabled:
+            raise ValueError(
+                "learner.fsdp shards full fine-tuning: set model.lora.enabled=false "
+                "(a LoRA run keeps its frozen base whole on every rank)"
             )
         steps = self.sampler.num_steps
         algo = self.algorithm

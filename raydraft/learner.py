@@ -4,7 +4,9 @@ The single-process trainer owns one `Learner`; the Ray runtime runs one per lear
 rank. With `world_size > 1` (torch.distributed already initialised by the caller) each
 rank takes its slice of every micro-batch and the gradients are summed across ranks
 before clipping, so N ranks take exactly the optimizer steps of one rank with the
-whole batch (the per-sample loss terms are means, weighted here by slice size).
+whole batch (the per-sample loss terms are means, weighted here by slice size). With
+`learner.fsdp` the ranks also shard weights, gradients and optimizer state
+(`raydraft.sharding`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from raydraft.config import ExperimentConfig
 from raydraft.ema import EMA
 from raydraft.models.base import Policy
 from raydraft.rollout import RolloutResult
+from raydraft.sharding import gather, scatter_like, scatter_optimizer_state
 
 
 class Learner:
@@ -40,6 +43,9 @@ class Learner:
         self.algorithm = algorithm
         self.rank = rank
         self.world_size = world_size
+        self.sharded = cfg.learner.fsdp and world_size > 1
+        if self.sharded:
+            policy.shard()  # before the optimizer sees the parameters: they become shards
         self.params = policy.trainable_parameters()
         learner = cfg.learner
         self.optimizer = torch.optim.AdamW(
@@ -62,26 +68,31 @@ class Learner:
                 result.rollout, cfg.learner.minibatch_size, cfg.learner.grad_accum_steps
             )
         policy.train(True)
-        stats: dict[str, list[float]] = defaultdict(list)
+        weighted: dict[str, float] = defaultdict(float)  # sum over micro-batches of share * stat
+        grad_norms = []
+        micros = 0
         for micro_batches in updates:
             self.optimizer.zero_grad(set_to_none=True)
             for micro in micro_batches:
-                part = self._my_rows(micro)
+                micros += 1
+                part, share = self._my_rows(micro)
                 if part is None:
                     continue
                 loss, loss_stats = algorithm.loss(policy, part)
-                (loss * (len(part) / len(micro)) / len(micro_batches)).backward()
+                (loss * share / len(micro_batches)).backward()
                 for key, value in loss_stats.items():
-                    stats[key].append(value)
-            self._sum_gradients_across_ranks()
+                    weighted[key] += value * share
+            if not self.sharded:  # FSDP reduce-scatters the gradient sums in backward
+                self._sum_gradients_across_ranks()
             max_norm = cfg.learner.max_grad_norm or math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-            stats["grad_norm"].append(float(grad_norm))
+            grad_norm = gather(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            grad_norms.append(float(grad_norm))
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
         policy.version += 1
-        metrics = {key: sum(v) / len(v) for key, v in stats.items()}
+        metrics = {key: value / micros for key, value in self._sum_across_ranks(weighted).items()}
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return (
             metrics
             | plan_stats
@@ -93,11 +104,25 @@ class Learner:
             }
         )
 
-    def _my_rows(self, micro: Any) -> Any:
+    def _my_rows(self, micro: Any) -> tuple[Any, float]:
+        """This rank's slice of `micro` and its share of the micro-batch. A sharded rank
+        with no rows still runs one row at share 0: its forward and backward are part of
+        the collectives."""
         if self.world_size == 1:
-            return micro
+            return micro, 1.0
         rows = torch.tensor_split(torch.arange(len(micro)), self.world_size)[self.rank]
-        return micro.select(rows) if len(rows) else None
+        if len(rows):
+            return micro.select(rows), len(rows) / len(micro)
+        return (micro.select(torch.arange(1)), 0.0) if self.sharded else (None, 0.0)
+
+    def _sum_across_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """Per-key sums over the ranks: the whole batch's statistics, on every rank."""
+        if self.world_size == 1:
+            return stats
+        every_rank: list[dict[str, float]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(every_rank, dict(stats))
+        keys = {k for rank_stats in every_rank for k in rank_stats}
+        return {k: sum(rank_stats.get(k, 0.0) for rank_stats in every_rank) for k in keys}
 
     def _sum_gradients_across_ranks(self) -> None:
         if self.world_size == 1:
@@ -110,14 +135,18 @@ class Learner:
 
     # -- checkpoint state -----------------------------------------------------------
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(tensors, optimizer state) for `raydraft.checkpoint.save_checkpoint`."""
+        """(tensors, optimizer state) for `raydraft.checkpoint.save_checkpoint`: full
+        tensors, also when sharded (then a collective: every rank calls it)."""
         tensors: dict[str, Any] = {"trainable": self.policy.trainable_state()}
         if self.ema is not None:
-            tensors["ema"] = self.ema.state_dict()
-        return tensors, self.optimizer.state_dict()
+            tensors["ema"] = gather(self.ema.state_dict())
+        return tensors, gather(self.optimizer.state_dict())
 
     def load_state(self, tensors: dict[str, Any], optimizer: dict[str, Any], version: int) -> None:
         self.policy.load_trainable(tensors["trainable"], version)
-        self.optimizer.load_state_dict(optimizer)
+        self.optimizer.load_state_dict(scatter_optimizer_state(optimizer, self.params))
         if self.ema is not None:
-            self.ema.load_state_dict(tensors["ema"])
+            shadows = self.ema.state_dict()
+            self.ema.load_state_dict(
+                {k: scatter_like(v, shadows[k]) for k, v in tensors["ema"].items()}
+            )

@@ -115,6 +115,11 @@ class Policy(Protocol):
 
     def load_trainable(self, state: dict[str, torch.Tensor], version: int) -> None: ...
 
+    def shard(self) -> None:
+        """FSDP2 across the learner ranks (full fine-tuning); `trainable_state` and
+        `load_trainable` then gather and scatter, as collectives."""
+        ...
+
     def reference(self) -> AbstractContextManager[None]:
         """Within this context `predict` is the frozen reference (adapter disabled)."""
         ...

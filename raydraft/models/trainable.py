@@ -16,6 +16,7 @@ import torch
 
 from raydraft.config import LoraConfig
 from raydraft.models.lora import adapters_disabled, add_lora, load_lora_state, lora_state
+from raydraft.sharding import gather, load_full_state, shard_module
 
 
 class TrainableDenoiser:
@@ -29,6 +30,7 @@ class TrainableDenoiser:
         self.module = denoiser
         self.uses_lora = lora.enabled
         self.version = 0
+        self.sharded = False
         self.active = denoiser
         self._frozen_copy: torch.nn.Module | None = None
         if self.uses_lora:
@@ -41,14 +43,28 @@ class TrainableDenoiser:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def shard(self) -> None:
+        """FSDP2 over the default process group (`raydraft.sharding`); full fine-tuning
+        only. From here on `state` and `load` are collectives: every rank calls them."""
+        if self.uses_lora:
+            raise ValueError("FSDP shards full fine-tuning: set model.lora.enabled=false")
+        shard_module(self.module)
+        if self._frozen_copy is not None:
+            shard_module(self._frozen_copy)
+        self.sharded = True
+
     def state(self) -> dict[str, torch.Tensor]:
         if self.uses_lora:
             return lora_state(self.module)
+        if self.sharded:
+            return gather(self.module.state_dict())
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def load(self, state: dict[str, torch.Tensor], version: int) -> None:
         if self.uses_lora:
             load_lora_state(self.module, state)
+        elif self.sharded:
+            load_full_state(self.module, state)
         else:
             self.module.load_state_dict(state, strict=True)
         self.version = version
@@ -98,6 +114,9 @@ class TrainableDelegate:
 
     def load_trainable(self, state: dict[str, torch.Tensor], version: int) -> None:
         self.trainable.load(state, version)
+
+    def shard(self) -> None:
+        self.trainable.shard()
 
     def reference(self) -> AbstractContextManager[None]:
         return self.trainable.reference()
