@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.cluster import WORKER_FAILURES, wait_for_start
 from actors.learner import LearnerActor, LearnerGroup
@@ -114,11 +115,17 @@ class RayEngine:
 
     def _start_worker(self, index: int):
         r = self.ray_cfg
+        placement = {}
+        if r.placement == "colocated":  # beside learner rank `index`, in its bundle
+            placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.learners.placement, index
+            )
         return self.worker_class.options(
             num_cpus=r.worker_cpus,
             num_gpus=r.worker_gpus,
             max_restarts=r.worker_max_restarts,
             max_task_retries=0,
+            **placement,
         ).remote(self.cfg_dict, index)
 
     def _publish(self) -> None:

@@ -160,6 +160,10 @@ class LearnerGroup:
         bundle = {"CPU": ray_cfg.learner_cpus}
         if ray_cfg.learner_gpus:
             bundle["GPU"] = ray_cfg.learner_gpus
+        if ray_cfg.placement == "colocated":  # room for rollout worker i in bundle i
+            bundle["CPU"] += ray_cfg.worker_cpus
+            if ray_cfg.worker_gpus:
+                bundle["GPU"] = bundle.get("GPU", 0.0) + ray_cfg.worker_gpus
         self.placement = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
         try:
             wait_for_start(

@@ -206,6 +206,9 @@ class RayConfig(Section):
     max_staleness: NonNegativeInt = 1  # async: rollouts at most this many versions old
     rollout_workers: PositiveInt = 1
     learners: PositiveInt = 1
+    # disaggregated: each role on resources of its own; colocated: rollout worker i
+    # shares learner rank i's placement bundle (device), for clusters where both fit one.
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
     worker_cpus: PositiveFloat = 1.0
     worker_gpus: NonNegativeFloat = 0.0
     learner_cpus: PositiveFloat = 1.0
@@ -219,6 +222,16 @@ class RayConfig(Section):
     weight_sync_timeout_s: PositiveFloat = 120.0  # a broadcast peer silent this long: failed
     startup_timeout_s: PositiveFloat = 300.0  # roles not placed by then: an error, not a hang
     reward_serving: RewardServingConfig = RewardServingConfig()
+
+    @model_validator(mode="after")
+    def _colocation(self) -> RayConfig:
+        if self.placement == "colocated" and self.rollout_workers != self.learners:
+            raise ValueError(
+                f"ray.placement=colocated puts one rollout worker beside each learner rank: "
+                f"ray.rollout_workers={self.rollout_workers} must equal "
+                f"ray.learners={self.learners}"
+            )
+        return self
 
 
 class ExperimentConfig(Section):

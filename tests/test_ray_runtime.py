@@ -260,6 +260,28 @@ def test_a_killed_reward_replica_is_replaced_and_the_request_retried(tmp_path):
         engine.close()
 
 
+def test_colocated_workers_share_their_learner_ranks_bundles(tmp_path):
+    cfg = config("ray.placement=colocated", "ray.rollout_workers=2", "ray.learners=2")
+    engine = RayEngine(cfg)
+    try:
+        metrics = Trainer(cfg, tmp_path / "run", engine=engine).train_step()
+        placement = engine.learners.placement.id.hex()
+
+        def group_of(actor):  # sent by value: the workers cannot import this module
+            return ray.get_runtime_context().get_placement_group_id()
+
+        for role in (engine.workers, engine.learners.actors):
+            assert ray.get([a.__ray_call__.remote(group_of) for a in role]) == [placement] * 2
+        # Each bundle holds one learner rank and one worker (0.5 + 0.5 CPU): all used.
+        for i in range(2):
+            bundle = f"CPU_group_{i}_{placement}"
+            assert ray.cluster_resources()[bundle] == 1.0
+            assert ray.available_resources().get(bundle, 0.0) == 0.0
+    finally:
+        engine.close()
+    assert metrics["policy_version"] == 1
+
+
 def test_roles_the_cluster_cannot_place_fail_with_the_shortfall_named():
     cfg = config("ray.worker_cpus=64", "ray.startup_timeout_s=5")
     with pytest.raises(RuntimeError, match=r"rollout worker\(s\) of 64.0 CPU.*ray.worker_cpus"):
