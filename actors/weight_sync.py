@@ -1,15 +1,15 @@
 """Versioned weight sync from learner rank 0 to the rollout workers, two transports.
 
-`ObjectStoreSync` (LoRA states, MBs): one `ray.put` of NumPy arrays per version, which
-each worker on a node maps without a copy (torch tensors pickle about 10x slower,
-../shared/research/env-ray.md); a restarted worker is sent the newest object.
+`ObjectStoreSync` (LoRA states; anything on CPU): one `ray.put` of NumPy arrays per
+version, which each worker on a node maps without a copy (torch tensors pickle about 10x
+slower, ../shared/research/env-ray.md); a restarted worker is sent the newest object.
 
-`CollectiveSync` (full weights, GBs): a broadcast group of the leader and every worker
-(`actors.broadcast_group`), opened once and kept; a version travels in buckets, GPU to GPU
-under NCCL. Workers receive on a thread of their own and apply the new weights before
-their next batch, so a sync never waits for sampling in flight. A member that dies breaks
-the group for everyone: the engine restarts it and `catch_up` reopens the group and sends
-the newest version again.
+`CollectiveSync` (full weights on GPUs, GBs): a broadcast group of the leader and every
+worker (`actors.broadcast_group`), opened once and kept; a version travels in buckets,
+GPU to GPU under NCCL. Workers receive on a thread of their own and apply the new weights
+before their next batch, so a sync never waits for sampling in flight. A member that dies
+breaks the group for everyone: the engine restarts it and `catch_up` reopens the group
+and sends the newest version again.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def weight_sync_for(cfg: ExperimentConfig) -> ObjectStoreSync | CollectiveSync:
     r = cfg.ray
     transport = r.weight_sync
     if transport == "auto":
-        transport = "object_store" if cfg.model.lora.enabled else "collective"
+        nccl = r.learner_gpus > 0 and r.worker_gpus > 0
+        transport = "collective" if nccl and not cfg.model.lora.enabled else "object_store"
     if transport == "object_store":
         return ObjectStoreSync()
     return CollectiveSync(r.weight_bucket_mb, r.weight_sync_timeout_s)

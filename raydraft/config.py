@@ -215,8 +215,9 @@ class RayConfig(Section):
     learner_gpus: NonNegativeFloat = 0.0
     torch_threads: PositiveInt | None = None  # per actor; None: its CPU count, at least 1
     worker_max_restarts: NonNegativeInt = 3
-    # How new weights reach the rollout workers: LoRA states (MBs) through the object
-    # store; full weights through a broadcast group (gloo/NCCL) in buckets. auto: by LoRA.
+    # How new weights reach the rollout workers: through the object store, or a broadcast
+    # group (gloo/NCCL) in buckets. auto: the NCCL group for full weights when learners
+    # and workers have GPUs, else the object store (faster on CPU: docs/benchmarks.md).
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"
     weight_bucket_mb: PositiveFloat = 256.0
     weight_sync_timeout_s: PositiveFloat = 120.0  # a broadcast peer silent this long: failed
