@@ -90,6 +90,7 @@ class RayEngine:
         self.learners: LearnerGroup | None = None
         self.workers: list = []
         self.weights = weight_sync_for(cfg)
+        self.swaps = cfg.ray.placement == "colocated" and cfg.ray.colocated_swap
         self.in_flight: deque[InFlight] = deque()
         self.reissued_parts = 0
         try:
@@ -106,6 +107,8 @@ class RayEngine:
                 self.cfg.rewards, r.reward_serving, r.startup_timeout_s
             )
         self.learners = LearnerGroup(self.cfg, self.learner_class)
+        if self.swaps:  # out of the device before the workers load onto it; they sample first
+            self.learners.offload()
         self.workers = [self._start_worker(i) for i in range(r.rollout_workers)]
         what = f"{r.rollout_workers} rollout worker(s) of {r.worker_cpus} CPU, {r.worker_gpus} GPU"
         wait_for_start([w.pid.remote() for w in self.workers], what, r.startup_timeout_s)
@@ -135,13 +138,15 @@ class RayEngine:
             self._revive(unresponsive(self.workers, self.ray_cfg.weight_sync_timeout_s))
             return
         if self.ray_cfg.mode == "sync":
-            self._wait_for_weights(acks)
+            self._await_workers(acks)
 
-    def _wait_for_weights(self, acks: list[ray.ObjectRef]) -> None:
+    def _await_workers(self, calls: list[ray.ObjectRef]) -> None:
+        """Wait for one call per worker; the workers that died under it are revived (with
+        the newest weights, on the device)."""
         dead = []
-        for index, ack in enumerate(acks):
+        for index, call in enumerate(calls):
             try:
-                ray.get(ack)
+                ray.get(call)
             except WORKER_FAILURES:
                 dead.append(index)
         if dead:
@@ -211,16 +216,32 @@ class RayEngine:
             self._dispatch()
         job = self.in_flight.popleft()
         result = self._collect(job)
+        swap_s = self._swap(to_learners=True)
         metrics = self.learners.update(ray.put(result))
         self.trained_prompts = job.prompts_after
+        swap_s += self._swap(to_learners=False)
         start = time.perf_counter()
         self._publish()
         return result, metrics | {
+            "swap_s": swap_s,
             "weight_sync_bytes": float(self.weights.last_bytes),
             "weight_sync_s": time.perf_counter() - start,
             "reissued_parts": float(self.reissued_parts),
             "rollouts_in_flight": float(len(self.in_flight)),
         }
+
+    def _swap(self, to_learners: bool) -> float:
+        """Colocated roles take turns on the device: seconds spent moving them."""
+        if not self.swaps:
+            return 0.0
+        start = time.perf_counter()
+        if to_learners:
+            self._await_workers([w.offload.remote() for w in self.workers])
+            self.learners.onload()
+        else:
+            self.learners.offload()
+            self._await_workers([w.onload.remote() for w in self.workers])
+        return time.perf_counter() - start
 
     # -- state ------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -128,6 +128,12 @@ class LearnerActor:
     def load_state(self, tensors: dict[str, Any], optimizer: dict[str, Any], version: int) -> None:
         self.learner.load_state(tensors, optimizer, version)
 
+    def offload(self) -> None:
+        self.learner.move_to("cpu")
+
+    def onload(self) -> None:
+        self.learner.move_to(self.learner.policy.device)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -199,6 +205,12 @@ class LearnerGroup:
 
     def load_state(self, tensors: dict[str, Any], optimizer: dict[str, Any], version: int) -> None:
         ray.get([a.load_state.remote(tensors, optimizer, version) for a in self.actors])
+
+    def offload(self) -> None:
+        ray.get([a.offload.remote() for a in self.actors])
+
+    def onload(self) -> None:
+        ray.get([a.onload.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         for actor in self.actors:

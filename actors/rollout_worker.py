@@ -21,6 +21,7 @@ from actors.weight_sync import WEIGHTS_GROUP, WeightsMessage, from_message
 from raydraft.algorithms.common import PromptBatch
 from raydraft.build import build_algorithm, build_policy
 from raydraft.config import ExperimentConfig
+from raydraft.offload import move_policy, release_cached_memory
 from raydraft.rollout import RolloutResult, generate
 
 
@@ -98,6 +99,13 @@ class RolloutWorker:
             staged, self.staged = self.staged, None
         if staged is not None and staged[0] > self.policy.version:
             self.policy.load_trainable(staged[1], staged[0])
+
+    def offload(self) -> None:
+        move_policy(self.policy, "cpu")
+        release_cached_memory()
+
+    def onload(self) -> None:
+        move_policy(self.policy, self.policy.device)
 
     def version(self) -> int:
         return self.policy.version

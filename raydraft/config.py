@@ -209,6 +209,9 @@ class RayConfig(Section):
     # disaggregated: each role on resources of its own; colocated: rollout worker i
     # shares learner rank i's placement bundle (device), for clusters where both fit one.
     placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    # colocated: the roles take turns, each in host memory while the other runs (off: both
+    # stay on the device, for models small enough to fit twice).
+    colocated_swap: bool = True
     worker_cpus: PositiveFloat = 1.0
     worker_gpus: NonNegativeFloat = 0.0
     learner_cpus: PositiveFloat = 1.0
@@ -226,11 +229,18 @@ class RayConfig(Section):
 
     @model_validator(mode="after")
     def _colocation(self) -> RayConfig:
-        if self.placement == "colocated" and self.rollout_workers != self.learners:
+        if self.placement != "colocated":
+            return self
+        if self.rollout_workers != self.learners:
             raise ValueError(
                 f"ray.placement=colocated puts one rollout worker beside each learner rank: "
                 f"ray.rollout_workers={self.rollout_workers} must equal "
                 f"ray.learners={self.learners}"
+            )
+        if self.mode == "async" and self.colocated_swap:
+            raise ValueError(
+                "ray.placement=colocated with ray.colocated_swap takes turns on the device: "
+                "use ray.mode=sync (or colocated_swap=false if both roles fit at once)"
             )
         return self
 

@@ -25,6 +25,7 @@ from raydraft.algorithms.flow_grpo import FlowGRPO
 from raydraft.config import ExperimentConfig
 from raydraft.ema import EMA
 from raydraft.models.base import Policy
+from raydraft.offload import move_optimizer_state, move_policy, release_cached_memory
 from raydraft.rollout import RolloutResult
 from raydraft.sharding import gather, scatter_like, scatter_optimizer_state
 
@@ -132,6 +133,15 @@ class Learner:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         for p, g in zip(self.params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = g.view_as(p)
+
+    def move_to(self, device: torch.device | str) -> None:
+        """Weights, EMA and optimizer state to `device` (host memory while a colocated
+        rollout worker samples; `policy.device` to train)."""
+        move_policy(self.policy, device)
+        move_optimizer_state(self.optimizer, device)
+        if self.ema is not None:
+            self.ema.shadow = [s.to(device) for s in self.ema.shadow]
+        release_cached_memory()
 
     # -- checkpoint state -----------------------------------------------------------
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -36,6 +36,8 @@ METRICS = (
     Metric("time_reward_s", "reward_seconds", "Reward scoring time (summed over workers)", "s",
            "Step time"),
     Metric("time_update_s", "update_seconds", "Learner update time", "s", "Step time"),
+    Metric("swap_s", "swap_seconds", "Seconds colocated roles spent moving to and from host "
+           "memory", "s", "Step time"),
     Metric("weight_sync_s", "weight_sync_seconds", "Seconds to publish the new weights", "s",
            "Weight sync"),
     Metric("weight_sync_bytes", "weight_sync_bytes", "Bytes of the published weights",

@@ -42,6 +42,13 @@ def test_flow_grpo_needs_a_stochastic_sampler():
     assert "stochastic sampler" in error_of(["sampler.noise_level=0"])
 
 
+def test_ray_roles_that_cannot_work_together_are_rejected():
+    colocated = "ray.placement=colocated"
+    assert "must equal ray.learners=1" in error_of([colocated, "ray.rollout_workers=2"])
+    assert "use ray.mode=sync" in error_of([colocated, "ray.mode=async"])
+    assert "model.lora.enabled=false" in error_of(["learner.fsdp=true"])
+
+
 def test_extends_merges_and_a_new_algorithm_replaces_its_section():
     cfg = load_config("toy-draft-lv")
     assert cfg.name == "toy-draft-lv" and cfg.algorithm.lv_samples == 2

@@ -52,8 +52,8 @@ def config(*overrides, name="toy-flowgrpo"):
 
 @pytest.mark.parametrize(
     "transport",
-    [[], COLLECTIVE, FSDP],
-    ids=["object-store-lora", "collective-full", "fsdp-2-learners"],
+    [[], COLLECTIVE, FSDP, ["ray.placement=colocated", "ray.rollout_workers=1"]],
+    ids=["object-store-lora", "collective-full", "fsdp-2-learners", "colocated-swapping"],
 )
 def test_sync_mode_equals_the_single_process_trainer(tmp_path, transport):
     torch.set_num_threads(1)  # the actors run one thread each: same kernels, same sums
@@ -70,6 +70,7 @@ def test_sync_mode_equals_the_single_process_trainer(tmp_path, transport):
         engine.close()
     state_bytes = sum(v.numel() * v.element_size() for v in weights.values())
     assert [m["weight_sync_bytes"] for m in got] == [state_bytes] * 2
+    assert all((m["swap_s"] > 0) == engine.swaps for m in got)
     for key in ("policy_loss", "kl_ref", "reward_mean", "grad_norm", "ratio_mean"):
         assert [m[key] for m in got] == pytest.approx([m[key] for m in expected], abs=1e-6), key
     if cfg.ray.learners == 1:

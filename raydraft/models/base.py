@@ -128,6 +128,11 @@ class Policy(Protocol):
 
     def train(self, mode: bool = True) -> None: ...
 
+    def modules(self) -> list[torch.nn.Module]:
+        """Every module the policy holds, the frozen reference included: what moves when
+        colocated roles swap a device (`raydraft.offload`)."""
+        ...
+
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """Per-seed CPU normal draws stacked on the batch dimension (diffusers' generator-list rule).

@@ -161,6 +161,11 @@ class SD3Policy(TrainableDelegate):
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         return initial_noise(self.latent_shape, seeds, self.dtype).to(self.device)
 
+    def modules(self) -> list[torch.nn.Module]:
+        pipe = self.pipe
+        frozen = (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+        return [*self.trainable.modules(), *(m for m in frozen if m is not None)]
+
     def train(self, mode: bool = True) -> None:
         """Only the transformer changes mode: T5 has dropout, and the frozen parts stay eval."""
         self.transformer.train(mode)

@@ -179,5 +179,8 @@ class ToyPolicy(TrainableDelegate):
     def initial_noise(self, seeds) -> torch.Tensor:
         return initial_noise(self.latent_shape, seeds, self.dtype).to(self.device)
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [*self.trainable.modules(), self.text_encoder]
+
     def train(self, mode: bool = True) -> None:
         self.unet.train(mode)

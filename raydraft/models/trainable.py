@@ -43,6 +43,9 @@ class TrainableDenoiser:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.module] + ([self._frozen_copy] if self._frozen_copy is not None else [])
+
     def shard(self) -> None:
         """FSDP2 over the default process group (`raydraft.sharding`); full fine-tuning
         only. From here on `state` and `load` are collectives: every rank calls them."""
