@@ -2,7 +2,8 @@
 
 Per iteration: split the prompt batch (whole groups) across the rollout workers, which
 sample it and have it scored by the Serve reward deployments; join the parts; send the
-rollout (one object-store copy) to every learner rank; publish the new weights.
+rollout (one object-store copy; a single worker's own object) to every learner rank;
+publish the new weights.
 
 `sync` samples each iteration with the newest weights (strictly on-policy). `async`
 keeps `max_staleness` further batches in flight, so sampling overlaps the update; a batch
@@ -196,12 +197,15 @@ class RayEngine:
             InFlight(batch.iteration, parts, workers, refs, min_version, self.prompts.state_dict())
         )
 
-    def _collect(self, job: InFlight) -> RolloutResult:
-        results = []
+    def _collect(self, job: InFlight) -> tuple[RolloutResult, ray.ObjectRef]:
+        """The joined rollout and a ref to it for the learners: the worker's own object
+        when one worker sampled the whole batch (no second copy through the driver)."""
+        results, refs = [], []
         for part, w, ref in zip(job.parts, job.workers, job.refs, strict=True):
             for attempt in range(MAX_REISSUES + 1):
                 try:
                     results.append(ray.get(ref))
+                    refs.append(ref)
                     break
                 except WORKER_FAILURES:
                     if attempt == MAX_REISSUES:
@@ -209,15 +213,18 @@ class RayEngine:
                     self._revive([w])
                     self.reissued_parts += 1
                     ref = self.workers[w].generate.remote(part, job.min_version)
-        return RolloutResult.concat(results)
+        if len(results) == 1:
+            return results[0], refs[0]
+        result = RolloutResult.concat(results)
+        return result, ray.put(result)
 
     def iterate(self) -> tuple[RolloutResult, dict[str, float]]:
         while len(self.in_flight) < self._depth():
             self._dispatch()
         job = self.in_flight.popleft()
-        result = self._collect(job)
+        result, shared = self._collect(job)
         swap_s = self._swap(to_learners=True)
-        metrics = self.learners.update(ray.put(result))
+        metrics = self.learners.update(shared)
         self.trained_prompts = job.prompts_after
         swap_s += self._swap(to_learners=False)
         start = time.perf_counter()
