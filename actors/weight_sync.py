@@ -151,10 +151,6 @@ def unresponsive(workers: list, timeout_s: float) -> list[int]:
 
 def weight_sync_for(cfg: ExperimentConfig) -> ObjectStoreSync | CollectiveSync:
     r = cfg.ray
-    transport = r.weight_sync
-    if transport == "auto":
-        nccl = r.learner_gpus > 0 and r.worker_gpus > 0
-        transport = "collective" if nccl and not cfg.model.lora.enabled else "object_store"
-    if transport == "object_store":
+    if r.weight_sync == "object_store":
         return ObjectStoreSync()
     return CollectiveSync(r.weight_bucket_mb, r.weight_sync_timeout_s)

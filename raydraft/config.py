@@ -218,10 +218,10 @@ class RayConfig(Section):
     learner_gpus: NonNegativeFloat = 0.0
     torch_threads: PositiveInt | None = None  # per actor; None: its CPU count, at least 1
     worker_max_restarts: NonNegativeInt = 3
-    # How new weights reach the rollout workers: through the object store, or a broadcast
-    # group (gloo/NCCL) in buckets. auto: the NCCL group for full weights when learners
-    # and workers have GPUs, else the object store (faster on CPU: docs/benchmarks.md).
-    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
+    # How new weights reach the rollout workers: the object store (LoRA; any state on one
+    # CPU node, where it measured fastest), or a gloo/NCCL broadcast group in buckets (full
+    # weights across GPU nodes; its NCCL path is not yet measured: docs/benchmarks.md).
+    weight_sync: Literal["object_store", "collective"] = "object_store"
     weight_bucket_mb: PositiveFloat = 256.0
     weight_sync_timeout_s: PositiveFloat = 120.0  # a broadcast peer silent this long: failed
     startup_timeout_s: PositiveFloat = 300.0  # roles not placed by then: an error, not a hang
@@ -236,6 +236,11 @@ class RayConfig(Section):
                 f"ray.placement=colocated puts one rollout worker beside each learner rank: "
                 f"ray.rollout_workers={self.rollout_workers} must equal "
                 f"ray.learners={self.learners}"
+            )
+        if self.weight_sync == "collective" and self.worker_gpus and self.learner_gpus:
+            raise ValueError(
+                "ray.placement=colocated puts a worker on its learner's GPU, and NCCL takes "
+                "one rank per GPU: use ray.weight_sync=object_store"
             )
         if self.mode == "async" and self.colocated_swap:
             raise ValueError(

@@ -46,6 +46,8 @@ def test_ray_roles_that_cannot_work_together_are_rejected():
     colocated = "ray.placement=colocated"
     assert "must equal ray.learners=1" in error_of([colocated, "ray.rollout_workers=2"])
     assert "use ray.mode=sync" in error_of([colocated, "ray.mode=async"])
+    gpus = ["ray.worker_gpus=0.5", "ray.learner_gpus=0.5"]
+    assert "one rank per GPU" in error_of([colocated, "ray.weight_sync=collective", *gpus])
     assert "model.lora.enabled=false" in error_of(["learner.fsdp=true"])
 
 
