@@ -15,6 +15,10 @@ def build_policy(cfg: ModelConfig, keep_reference: bool = False) -> Policy:
         from raydraft.models.toy import ToyPolicy
 
         return ToyPolicy.from_pretrained(cfg, keep_reference)
+    if cfg.family == "sd":
+        from raydraft.models.sd import SDPolicy
+
+        return SDPolicy.from_pretrained(cfg, keep_reference)
     if cfg.family == "sd3":
         from raydraft.models.sd3 import SD3Policy
 
@@ -33,7 +37,9 @@ def build_algorithm(
     reward: Reward | None,
     sampler: Sampler | None = None,
 ) -> DRaFT | FlowGRPO:
-    sampler = sampler or build_sampler(cfg.sampler, policy.prediction_type)
+    sampler = sampler or build_sampler(
+        cfg.sampler, policy.prediction_type, ddim_scheduler=getattr(policy, "scheduler", None)
+    )
     guidance = cfg.sampler.guidance_scale
     if isinstance(cfg.algorithm, DraftConfig):
         return DRaFT(

@@ -12,12 +12,16 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 from transformers import (
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     T5Config,
@@ -141,4 +145,74 @@ def save_tiny_sd3(dirpath: str | Path, seed: int = 0) -> Path:
     """A diffusers directory (model_index.json and one folder per component)."""
     path = Path(dirpath)
     build_tiny_sd3_pipeline(seed).save_pretrained(path)
+    return path
+
+
+def build_tiny_sd_pipeline(
+    prediction_type: str = "epsilon", seed: int = 0
+) -> StableDiffusionPipeline:
+    """An SD 1.x-shaped pipeline (cross-attention UNet, 4-channel VAE, CLIP-L) in ~100k weights."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=2 * SAMPLE_SIZE,
+        scaling_factor=0.18215,  # SD 1.x's
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=CLIP_MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(  # SD 1.5's schedule
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        unet=unet.eval(),
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_sd(dirpath: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    path = Path(dirpath)
+    build_tiny_sd_pipeline(prediction_type, seed).save_pretrained(path)
     return path

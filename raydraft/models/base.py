@@ -75,7 +75,8 @@ class Policy(Protocol):
 
     `predict` returns epsilon (SD1/SDXL), v (v-prediction) or the flow velocity
     (SD3/FLUX/toy) according to `prediction_type`; classifier-free guidance is applied
-    inside, so a sampler never sees the unconditional branch.
+    inside, so a sampler never sees the unconditional branch. Epsilon and v policies also
+    carry `scheduler`, the DDIMScheduler of their noise schedule, for the DDIM sampler.
     """
 
     prediction_type: PredictionType
