@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from tiny_models import save_tiny_sd
+from tiny_models import save_tiny_sd, save_tiny_sd3
 
 from raydraft.config import LoraConfig, ModelConfig
 from raydraft.models.base import Policy
 from raydraft.models.sd import SDPolicy
+from raydraft.models.sd3 import SD3Policy
 from raydraft.sampling.samplers import DDIMSampler
 
 PROMPTS = ["a red cat", "the blue dog"]
@@ -91,7 +92,13 @@ def test_fresh_lora_is_the_base_model_and_reference_switches_it_off(model_dir):
     torch.testing.assert_close(reference, base.predict(x, t, cond, 7.5))
 
 
-def test_missing_weights_give_one_clear_error(tmp_path):
+def test_missing_weights_and_another_family_give_clear_errors(tmp_path):
     cfg = ModelConfig(family="sd", path=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.*never downloads"):
         SDPolicy.from_pretrained(cfg)
+    sd3_dir = save_tiny_sd3(tmp_path / "sd3")
+    with pytest.raises(ValueError, match=r"holds a StableDiffusion3Pipeline.*model.family=sd3"):
+        SDPolicy.from_pretrained(ModelConfig(family="sd", path=str(sd3_dir)))
+    sd_dir = save_tiny_sd(tmp_path / "sd")
+    with pytest.raises(ValueError, match=r"holds a StableDiffusionPipeline.*model.family=sd$"):
+        SD3Policy.from_pretrained(ModelConfig(family="sd3", path=str(sd_dir)))

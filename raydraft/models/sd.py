@@ -17,6 +17,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, initial_noise
+from raydraft.models.loading import load_pipeline
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
 
 # diffusers' and DDPO's SD LoRA targets: the UNet's self- and cross-attention projections.
@@ -58,23 +59,9 @@ class SDPolicy(TrainableDelegate):
     @classmethod
     def from_pretrained(cls, model_cfg: ModelConfig, keep_reference: bool = False) -> SDPolicy:
         """Load a diffusers directory (or a hub id already in the local cache): never downloads."""
-        if not model_cfg.path:
-            raise ValueError("model.path is required for family 'sd' (a diffusers directory)")
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                model_cfg.path,
-                torch_dtype=getattr(torch, model_cfg.dtype),
-                local_files_only=True,
-                safety_checker=None,
-                requires_safety_checker=False,
-            )
-        except (OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise FileNotFoundError(
-                f"model.path {model_cfg.path!r}: cannot load a StableDiffusionPipeline from it "
-                f"({reason}). The weights must be present locally (a diffusers directory or a "
-                "hub id already in the cache): raydraft never downloads them."
-            ) from None
+        pipe = load_pipeline(
+            StableDiffusionPipeline, model_cfg, safety_checker=None, requires_safety_checker=False
+        )
         return cls(pipe, model_cfg, keep_reference)
 
     @property

@@ -15,6 +15,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, initial_noise
+from raydraft.models.loading import load_pipeline
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
 
 # Flow-GRPO's SD3 LoRA targets: the image-stream and the text-stream (joint) attention.
@@ -62,19 +63,7 @@ class SD3Policy(TrainableDelegate):
     @classmethod
     def from_pretrained(cls, model_cfg: ModelConfig, keep_reference: bool = False) -> SD3Policy:
         """Load a diffusers directory (or a hub id already in the local cache): never downloads."""
-        if not model_cfg.path:
-            raise ValueError("model.path is required for family 'sd3' (a diffusers directory)")
-        try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(
-                model_cfg.path, torch_dtype=getattr(torch, model_cfg.dtype), local_files_only=True
-            )
-        except (OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise FileNotFoundError(
-                f"model.path {model_cfg.path!r}: cannot load a StableDiffusion3Pipeline from it "
-                f"({reason}). The weights must be present locally (a diffusers directory or a "
-                "hub id already in the cache): raydraft never downloads them."
-            ) from None
+        pipe = load_pipeline(StableDiffusion3Pipeline, model_cfg)
         return cls(pipe, model_cfg, keep_reference)
 
     def _compute_latent_shape(self) -> tuple[int, int, int]:
