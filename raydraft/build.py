@@ -19,6 +19,10 @@ def build_policy(cfg: ModelConfig, keep_reference: bool = False) -> Policy:
         from raydraft.models.sd import SDPolicy
 
         return SDPolicy.from_pretrained(cfg, keep_reference)
+    if cfg.family == "sdxl":
+        from raydraft.models.sdxl import SDXLPolicy
+
+        return SDXLPolicy.from_pretrained(cfg, keep_reference)
     if cfg.family == "sd3":
         from raydraft.models.sd3 import SD3Policy
 

@@ -40,7 +40,7 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    family: Literal["toy", "sd", "sd3"] = "toy"  # sd: SD 1.x / 2.x (epsilon or v)
+    family: Literal["toy", "sd", "sdxl", "sd3"] = "toy"  # sd: SD 1.x / 2.x (epsilon or v)
     path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"

@@ -3,7 +3,7 @@ through the real loaders: only the LoRA weights change."""
 
 import pytest
 import torch
-from tiny_models import save_tiny_sd, save_tiny_sd3
+from tiny_models import save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
 
 from raydraft.config import load_config
 from raydraft.trainer import Trainer
@@ -37,6 +37,13 @@ FAMILIES = {
         ["sampler.kind=ddim", "sampler.noise_level=0.0"],
         "unet",
         ["vae", "text_encoder"],
+    ),
+    "sdxl": (
+        save_tiny_sdxl,
+        ["sampler.kind=ddim", "sampler.noise_level=1.0"],
+        ["sampler.kind=ddim", "sampler.noise_level=0.0"],
+        "unet",
+        ["vae", "text_encoder", "text_encoder_2"],
     ),
 }
 

@@ -1,16 +1,19 @@
-"""SDPolicy (SD 1.x / 2.x) against the real StableDiffusionPipeline on tiny random models.
+"""SDPolicy (SD 1.x / 2.x) and SDXLPolicy against the real StableDiffusionPipeline and
+StableDiffusionXLPipeline on tiny random models.
 
 The reference is diffusers itself: a second pipeline loaded from the same directory with
-its DDIMScheduler, so a wrong timestep, CFG order, latent scaling or seed convention fails.
+its DDIMScheduler, so a wrong timestep, CFG order, latent scaling, added conditioning or
+seed convention fails.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
-from tiny_models import save_tiny_sd, save_tiny_sd3
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from tiny_models import save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
 
+from raydraft.build import build_policy
 from raydraft.config import LoraConfig, ModelConfig
 from raydraft.models.base import Policy
 from raydraft.models.sd import SDPolicy
@@ -29,24 +32,35 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
+WRITERS = {"sd": save_tiny_sd, "sdxl": save_tiny_sdxl}
+PIPELINES = {
+    "sd": lambda path: StableDiffusionPipeline.from_pretrained(path),
+    "sdxl": lambda path: StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False),
+}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("sd", "epsilon"), ("sd", "v_prediction"), ("sdxl", "epsilon")],
+    ids=["sd-epsilon", "sd-v", "sdxl"],
+)
 def model_dir(request, tmp_path_factory):
-    return save_tiny_sd(tmp_path_factory.mktemp(f"tiny-sd-{request.param}"), request.param)
+    family, prediction_type = request.param
+    path = WRITERS[family](tmp_path_factory.mktemp(f"tiny-{family}"), prediction_type)
+    return family, path
 
 
 def make_policy(model_dir, **lora) -> SDPolicy:
-    return SDPolicy.from_pretrained(
-        ModelConfig(family="sd", path=str(model_dir), lora=LoraConfig(**lora))
-    )
+    family, path = model_dir
+    return build_policy(ModelConfig(family=family, path=str(path), lora=LoraConfig(**lora)))
 
 
 def test_loads_as_a_policy_with_its_prediction_type(model_dir):
+    family, path = model_dir
     policy = make_policy(model_dir)
     assert isinstance(policy, Policy)
-    assert (
-        policy.prediction_type
-        == StableDiffusionPipeline.from_pretrained(model_dir).scheduler.config.prediction_type
-    )
+    pipe = PIPELINES[family](path)
+    assert policy.prediction_type == pipe.scheduler.config.prediction_type
     assert policy.latent_shape == (4, 8, 8)
 
 
@@ -63,7 +77,7 @@ def test_ddim_loop_over_predict_is_the_pipeline(model_dir, guidance):
             x = sampler.step(policy.predict(x, t, cond, guidance), x, i, stochastic=False).x_next
         images = policy.decode(x)
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe = PIPELINES[model_dir[0]](model_dir[1])
     expected = pipe(
         PROMPTS,
         num_inference_steps=steps,

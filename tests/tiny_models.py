@@ -17,6 +17,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
@@ -60,7 +61,12 @@ def t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def _clip(vocab_size: int, hidden: int, tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+def _clip(
+    vocab_size: int,
+    hidden: int,
+    tokenizer: CLIPTokenizer,
+    model_class: type = CLIPTextModelWithProjection,
+) -> CLIPTextModel | CLIPTextModelWithProjection:
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -74,7 +80,7 @@ def _clip(vocab_size: int, hidden: int, tokenizer: CLIPTokenizer) -> CLIPTextMod
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModelWithProjection(config).eval()
+    return model_class(config).eval()
 
 
 def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
@@ -148,13 +154,8 @@ def save_tiny_sd3(dirpath: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_sd_pipeline(
-    prediction_type: str = "epsilon", seed: int = 0
-) -> StableDiffusionPipeline:
-    """An SD 1.x-shaped pipeline (cross-attention UNet, 4-channel VAE, CLIP-L) in ~100k weights."""
-    torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
-    unet = UNet2DConditionModel(
+def _sd_unet(cross_attention_dim: int, **sdxl) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
         sample_size=SAMPLE_SIZE,
         in_channels=4,
         out_channels=4,
@@ -162,11 +163,15 @@ def build_tiny_sd_pipeline(
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(16, 32),
         layers_per_block=1,
-        cross_attention_dim=16,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=8,
+        **sdxl,
     )
-    vae = AutoencoderKL(
+
+
+def _sd_vae(scaling_factor: float) -> AutoencoderKL:
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -176,8 +181,30 @@ def build_tiny_sd_pipeline(
         latent_channels=4,
         norm_num_groups=4,
         sample_size=2 * SAMPLE_SIZE,
-        scaling_factor=0.18215,  # SD 1.x's
+        scaling_factor=scaling_factor,
     )
+
+
+def _sd_scheduler(prediction_type: str) -> DDIMScheduler:
+    return DDIMScheduler(  # SD 1.5's and SDXL's schedule
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def build_tiny_sd_pipeline(
+    prediction_type: str = "epsilon", seed: int = 0
+) -> StableDiffusionPipeline:
+    """An SD 1.x-shaped pipeline (cross-attention UNet, 4-channel VAE, CLIP-L) in ~100k weights."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    unet = _sd_unet(cross_attention_dim=16)
+    vae = _sd_vae(scaling_factor=0.18215)  # SD 1.x's
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -191,18 +218,9 @@ def build_tiny_sd_pipeline(
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(  # SD 1.5's schedule
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
     return StableDiffusionPipeline(
         unet=unet.eval(),
-        scheduler=scheduler,
+        scheduler=_sd_scheduler(prediction_type),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
@@ -215,4 +233,37 @@ def build_tiny_sd_pipeline(
 def save_tiny_sd(dirpath: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     path = Path(dirpath)
     build_tiny_sd_pipeline(prediction_type, seed).save_pretrained(path)
+    return path
+
+
+def build_tiny_sdxl_pipeline(
+    prediction_type: str = "epsilon", seed: int = 0
+) -> StableDiffusionXLPipeline:
+    """An SDXL-shaped pipeline: two CLIP encoders (penultimate states concatenated, pooled
+    projection of the second), text-time added conditioning."""
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    text_encoder = _clip(len(tokenizer), 8, tokenizer, CLIPTextModel)
+    text_encoder_2 = _clip(len(tokenizer), 16, tokenizer)  # projection_dim POOLED_DIM // 2
+    unet = _sd_unet(
+        cross_attention_dim=8 + 16,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM // 2,
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet.eval(),
+        scheduler=_sd_scheduler(prediction_type),
+        vae=_sd_vae(scaling_factor=0.13025).eval(),  # SDXL's
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=clip_tokenizer(),
+        add_watermarker=False,
+    )
+
+
+def save_tiny_sdxl(dirpath: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    path = Path(dirpath)
+    build_tiny_sdxl_pipeline(prediction_type, seed).save_pretrained(path)
     return path

@@ -14,6 +14,7 @@ from raydraft.config import ModelConfig
 # model_index.json's `_class_name` → the model.family whose adapter loads it.
 FAMILY_OF_PIPELINE = {
     "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
 }
 

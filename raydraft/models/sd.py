@@ -11,9 +11,10 @@ its config. Only the UNet trains; the text encoder and the VAE stay frozen.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
 from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, initial_noise
@@ -25,8 +26,14 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class SDPolicy(TrainableDelegate):
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionPipeline
+    load_kwargs: ClassVar[dict[str, Any]] = {
+        "safety_checker": None,
+        "requires_safety_checker": False,
+    }
+
     def __init__(
-        self, pipe: StableDiffusionPipeline, model_cfg: ModelConfig, keep_reference: bool = False
+        self, pipe: DiffusionPipeline, model_cfg: ModelConfig, keep_reference: bool = False
     ) -> None:
         self.cfg = model_cfg
         self.dtype = getattr(torch, model_cfg.dtype)
@@ -35,7 +42,7 @@ class SDPolicy(TrainableDelegate):
         self.pipe = pipe.to(model_cfg.device)
         self.unet = pipe.unet
         self.vae = pipe.vae
-        for frozen in (pipe.vae, pipe.text_encoder):
+        for frozen in self.frozen_modules():
             frozen.requires_grad_(False).eval()
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.scheduler.config.prediction_type
@@ -59,9 +66,7 @@ class SDPolicy(TrainableDelegate):
     @classmethod
     def from_pretrained(cls, model_cfg: ModelConfig, keep_reference: bool = False) -> SDPolicy:
         """Load a diffusers directory (or a hub id already in the local cache): never downloads."""
-        pipe = load_pipeline(
-            StableDiffusionPipeline, model_cfg, safety_checker=None, requires_safety_checker=False
-        )
+        pipe = load_pipeline(cls.pipeline_class, model_cfg, **cls.load_kwargs)
         return cls(pipe, model_cfg, keep_reference)
 
     @property
@@ -72,25 +77,31 @@ class SDPolicy(TrainableDelegate):
     def device(self) -> torch.device:
         return torch.device(self.cfg.device)
 
+    def _negatives(self, n: int, negative_prompts: Sequence[str] | None) -> list[str] | None:
+        """None when no negative prompt is set: the pipeline's own rule then applies (SDXL
+        zeroes the unconditional embeddings, SD 1.x encodes "")."""
+        if negative_prompts:
+            return list(negative_prompts)
+        return [self.cfg.negative_prompt] * n if self.cfg.negative_prompt else None
+
     @torch.no_grad()
     def encode(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None
     ) -> Conditioning:
         prompts = list(prompts)
-        negatives = list(negative_prompts or [self.cfg.negative_prompt] * len(prompts))
         embeds, negative_embeds = self.pipe.encode_prompt(
             prompts,
             self.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
-            negative_prompt=negatives,
+            negative_prompt=self._negatives(len(prompts), negative_prompts),
         )
         return Conditioning(
             embeds=embeds.to(self.dtype), negative_embeds=negative_embeds.to(self.dtype)
         )
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self.trainable.active(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.trainable.active(x, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
 
     def predict(
         self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float
@@ -100,19 +111,24 @@ class SDPolicy(TrainableDelegate):
         t = torch.as_tensor(t, device=self.device).expand(x.shape[0])
         if guidance > 1 and cond.negative_embeds is not None:
             both = self._unet(
-                torch.cat([latents, latents]),
-                torch.cat([t, t]),
-                torch.cat([cond.negative_embeds, cond.embeds]),
+                torch.cat([latents, latents]), torch.cat([t, t]), _unconditional_first(cond)
             )
             uncond, text = both.chunk(2)
             out = uncond + guidance * (text - uncond)
         else:
-            out = self._unet(latents, t, cond.embeds)
+            out = self._unet(latents, t, cond)
         return out.to(x.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's VAE decode and postprocess, differentiable; float32 out."""
-        latents = latents.to(self.dtype) / self.vae.config.scaling_factor
+        config = self.vae.config
+        latents = latents.to(self.dtype)
+        if getattr(config, "latents_mean", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
         image = self.vae.decode(latents, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1).float()
 
@@ -120,8 +136,23 @@ class SDPolicy(TrainableDelegate):
         noise = initial_noise(self.latent_shape, seeds, self.dtype)
         return (noise * self.scheduler.init_noise_sigma).to(self.device)
 
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.pipe.vae, self.pipe.text_encoder]
+
     def modules(self) -> list[torch.nn.Module]:
-        return [*self.trainable.modules(), self.vae, self.pipe.text_encoder]
+        return [*self.trainable.modules(), *self.frozen_modules()]
 
     def train(self, mode: bool = True) -> None:
         self.unet.train(mode)
+
+
+def _unconditional_first(cond: Conditioning) -> Conditioning:
+    """The [unconditional, conditional] batch of one CFG call, as the pipelines build it."""
+    pooled = None
+    if cond.pooled is not None:
+        pooled = torch.cat([cond.negative_pooled, cond.pooled])
+    return Conditioning(
+        embeds=torch.cat([cond.negative_embeds, cond.embeds]),
+        pooled=pooled,
+        extra={k: torch.cat([v, v]) for k, v in cond.extra.items()},
+    )
