@@ -3,24 +3,18 @@ through the real loaders: only the LoRA weights change."""
 
 import pytest
 import torch
+from overrides import SMALL
 from tiny_models import save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
 
 from raydraft.config import load_config
 from raydraft.trainer import Trainer
 
 STEPS = [
-    "sampler.num_steps=3",
-    "sampler.eval_num_steps=3",
-    "data.prompts_per_step=2",
-    "learner.minibatch_size=4",
-    "logging.progress_bar=false",
-    "logging.sample_every=0",
-    "checkpoint.every=0",
+    *SMALL,
     "model.lora.enabled=true",
     "model.lora.rank=4",
     "data.prompts=toy-colors",
     "rewards.components=[{name: toy-color}]",
-    "logging.eval_per_category=0",
 ]
 # family: (tiny model writer, sampler for Flow-GRPO, sampler for DRaFT, denoiser, frozen parts)
 FAMILIES = {

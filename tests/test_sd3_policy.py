@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from tiny_models import save_tiny_sd3
+from tiny_models import pipeline_images, save_tiny_sd3
 
 from raydraft.config import LoraConfig, ModelConfig
 from raydraft.models.base import Policy
@@ -20,15 +20,7 @@ from raydraft.models.sd3 import DEFAULT_LORA_TARGETS, SD3Policy
 
 PROMPTS = ["a red cat", "the blue dog"]
 SEEDS = [3, 11]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices: OpenMP start-up dominates, and on a busy 2-core box 2 threads are 100× slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -322,14 +314,6 @@ def test_euler_loop_over_predict_is_the_pipeline(model_dir, pipe, guidance):
             x = x + (sigma_next - sigma) * v
         images = policy.decode(x)
 
-    expected = pipe(
-        PROMPTS,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=[torch.Generator().manual_seed(s) for s in SEEDS],
-        output_type="pt",
-        height=16,
-        width=16,
-    ).images
+    expected = pipeline_images(pipe, PROMPTS, SEEDS, steps, guidance)
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
     assert images.std() > 0.01  # not a saturated, trivially equal image

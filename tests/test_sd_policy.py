@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from tiny_models import save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
+from tiny_models import pipeline_images, save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
 
 from raydraft.build import build_policy
 from raydraft.config import LoraConfig, ModelConfig
@@ -22,14 +22,7 @@ from raydraft.sampling.samplers import DDIMSampler
 
 PROMPTS = ["a red cat", "the blue dog"]
 SEEDS = [3, 11]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 WRITERS = {"sd": save_tiny_sd, "sdxl": save_tiny_sdxl}
@@ -78,15 +71,7 @@ def test_ddim_loop_over_predict_is_the_pipeline(model_dir, guidance):
         images = policy.decode(x)
 
     pipe = PIPELINES[model_dir[0]](model_dir[1])
-    expected = pipe(
-        PROMPTS,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=[torch.Generator().manual_seed(s) for s in SEEDS],
-        output_type="pt",
-        height=16,
-        width=16,
-    ).images
+    expected = pipeline_images(pipe, PROMPTS, SEEDS, steps, guidance)
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
     assert images.std() > 0.01  # not a saturated, trivially equal image
 

@@ -102,16 +102,8 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=2 * SAMPLE_SIZE,
+    vae = _vae(
+        LATENT_CHANNELS,
         scaling_factor=1.5305,  # SD3's
         shift_factor=0.0609,
         use_quant_conv=False,
@@ -170,7 +162,7 @@ def _sd_unet(cross_attention_dim: int, **sdxl) -> UNet2DConditionModel:
     )
 
 
-def _sd_vae(scaling_factor: float) -> AutoencoderKL:
+def _vae(latent_channels: int, **config) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -178,10 +170,10 @@ def _sd_vae(scaling_factor: float) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=2 * SAMPLE_SIZE,
-        scaling_factor=scaling_factor,
+        **config,
     )
 
 
@@ -204,7 +196,7 @@ def build_tiny_sd_pipeline(
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     unet = _sd_unet(cross_attention_dim=16)
-    vae = _sd_vae(scaling_factor=0.18215)  # SD 1.x's
+    vae = _vae(4, scaling_factor=0.18215)  # SD 1.x's
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -254,7 +246,7 @@ def build_tiny_sdxl_pipeline(
     return StableDiffusionXLPipeline(
         unet=unet.eval(),
         scheduler=_sd_scheduler(prediction_type),
-        vae=_sd_vae(scaling_factor=0.13025).eval(),  # SDXL's
+        vae=_vae(4, scaling_factor=0.13025).eval(),  # SDXL's
         text_encoder=text_encoder.eval(),
         text_encoder_2=text_encoder_2.eval(),
         tokenizer=tokenizer,
@@ -267,3 +259,16 @@ def save_tiny_sdxl(dirpath: str | Path, prediction_type: str = "epsilon", seed: 
     path = Path(dirpath)
     build_tiny_sdxl_pipeline(prediction_type, seed).save_pretrained(path)
     return path
+
+
+def pipeline_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float):
+    """What `pipe(...)` returns for 16x16 images, one generator per seed: the reference."""
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="pt",
+        height=16,
+        width=16,
+    ).images

@@ -7,7 +7,7 @@ methods; the Ray layer ships `trainable_state()` between processes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Protocol, runtime_checkable
@@ -63,6 +63,18 @@ class Conditioning:
         }
         extra = {k: torch.cat([p.extra[k] for p in parts]) for k in first.extra}
         return replace(first, **changes, extra=extra)
+
+    def unconditional_first(self) -> Conditioning:
+        """The [unconditional, conditional] batch of one CFG call, as the diffusers
+        pipelines build it (family extras repeat for both halves)."""
+        pooled = None
+        if self.pooled is not None:
+            pooled = torch.cat([self.negative_pooled, self.pooled])
+        return Conditioning(
+            embeds=torch.cat([self.negative_embeds, self.embeds]),
+            pooled=pooled,
+            extra={k: torch.cat([v, v]) for k, v in self.extra.items()},
+        )
 
     def tile(self, times: int) -> Conditioning:
         """The whole batch `times` times over (rows i, i + B, ... share a prompt)."""
@@ -146,3 +158,25 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype
         for s in seeds
     ]
     return torch.cat(rows)
+
+
+def guided_prediction(
+    model: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    guidance: float,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`model(x, t, cond)` with classifier-free guidance as the pipelines compute it: one
+    call on [unconditional, conditional], then uncond + guidance * (text - uncond)."""
+    latents = x.to(device, dtype)
+    t = torch.as_tensor(t, device=device).expand(x.shape[0])
+    if guidance > 1 and cond.negative_embeds is not None:
+        both = model(torch.cat([latents, latents]), torch.cat([t, t]), cond.unconditional_first())
+        uncond, text = both.chunk(2)
+        out = uncond + guidance * (text - uncond)
+    else:
+        out = model(latents, t, cond)
+    return out.to(x.dtype)

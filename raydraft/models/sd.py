@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
 from raydraft.config import ModelConfig
-from raydraft.models.base import Conditioning, initial_noise
+from raydraft.models.base import Conditioning, guided_prediction, initial_noise
 from raydraft.models.loading import load_pipeline
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
 
@@ -73,10 +73,6 @@ class SDPolicy(TrainableDelegate):
     def latent_shape(self) -> tuple[int, ...]:
         return self._latent_shape
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.cfg.device)
-
     def _negatives(self, n: int, negative_prompts: Sequence[str] | None) -> list[str] | None:
         """None when no negative prompt is set: the pipeline's own rule then applies (SDXL
         zeroes the unconditional embeddings, SD 1.x encodes "")."""
@@ -106,18 +102,8 @@ class SDPolicy(TrainableDelegate):
     def predict(
         self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float
     ) -> torch.Tensor:
-        """Epsilon or v at integer timesteps `t`; CFG as the pipeline does it."""
-        latents = x.to(self.device, self.dtype)
-        t = torch.as_tensor(t, device=self.device).expand(x.shape[0])
-        if guidance > 1 and cond.negative_embeds is not None:
-            both = self._unet(
-                torch.cat([latents, latents]), torch.cat([t, t]), _unconditional_first(cond)
-            )
-            uncond, text = both.chunk(2)
-            out = uncond + guidance * (text - uncond)
-        else:
-            out = self._unet(latents, t, cond)
-        return out.to(x.dtype)
+        """Epsilon or v at integer timesteps `t`."""
+        return guided_prediction(self._unet, x, t, cond, guidance, self.device, self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's VAE decode and postprocess, differentiable; float32 out."""
@@ -144,15 +130,3 @@ class SDPolicy(TrainableDelegate):
 
     def train(self, mode: bool = True) -> None:
         self.unet.train(mode)
-
-
-def _unconditional_first(cond: Conditioning) -> Conditioning:
-    """The [unconditional, conditional] batch of one CFG call, as the pipelines build it."""
-    pooled = None
-    if cond.pooled is not None:
-        pooled = torch.cat([cond.negative_pooled, cond.pooled])
-    return Conditioning(
-        embeds=torch.cat([cond.negative_embeds, cond.embeds]),
-        pooled=pooled,
-        extra={k: torch.cat([v, v]) for k, v in cond.extra.items()},
-    )

@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from raydraft.config import ModelConfig
-from raydraft.models.base import Conditioning, initial_noise
+from raydraft.models.base import Conditioning, guided_prediction, initial_noise
 from raydraft.models.loading import load_pipeline
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
 
@@ -81,10 +81,6 @@ class SD3Policy(TrainableDelegate):
     def latent_shape(self) -> tuple[int, ...]:
         return self._latent_shape
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.cfg.device)
-
     @torch.no_grad()
     def encode(
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None
@@ -108,36 +104,21 @@ class SD3Policy(TrainableDelegate):
             negative_pooled=neg_pooled.to(self.dtype),
         )
 
-    def _velocity(
-        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor
-    ) -> torch.Tensor:
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         # The pipeline feeds the scheduler's timesteps, sigma * num_train_timesteps (1000).
         return self.trainable.active(
             hidden_states=x,
             timestep=t * 1000,
-            encoder_hidden_states=embeds,
-            pooled_projections=pooled,
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled,
             return_dict=False,
         )[0]
 
     def predict(
         self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float
     ) -> torch.Tensor:
-        """Velocity at x_t = (1 - t) x0 + t eps; CFG as the pipeline does it ([uncond, cond])."""
-        latents = x.to(self.device, self.dtype)
-        t = torch.as_tensor(t, device=self.device).expand(x.shape[0])
-        if guidance > 1 and cond.negative_embeds is not None:
-            both = self._velocity(
-                torch.cat([latents, latents]),
-                torch.cat([t, t]),
-                torch.cat([cond.negative_embeds, cond.embeds]),
-                torch.cat([cond.negative_pooled, cond.pooled]),
-            )
-            uncond, text = both.chunk(2)
-            v = uncond + guidance * (text - uncond)
-        else:
-            v = self._velocity(latents, t, cond.embeds, cond.pooled)
-        return v.to(x.dtype)
+        """Velocity at x_t = (1 - t) x0 + t eps."""
+        return guided_prediction(self._velocity, x, t, cond, guidance, self.device, self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's VAE decode and postprocess, kept differentiable for DRaFT; float32

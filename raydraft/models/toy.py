@@ -144,10 +144,6 @@ class ToyPolicy(TrainableDelegate):
     def latent_shape(self) -> tuple[int, ...]:
         return (3, IMAGE_SIZE, IMAGE_SIZE)
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.cfg.device)
-
     @torch.no_grad()
     def _embed(self, prompts: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
-from raydraft.config import LoraConfig
+from raydraft.config import LoraConfig, ModelConfig
 from raydraft.models.lora import adapters_disabled, add_lora, load_lora_state, lora_state
 from raydraft.sharding import gather, load_full_state, shard_module
 
@@ -97,9 +97,15 @@ class TrainableDenoiser:
 
 
 class TrainableDelegate:
-    """The Policy methods that only forward to `self.trainable`, shared by every adapter."""
+    """The Policy members every adapter shares: those that forward to `self.trainable`, and
+    the device from the model config."""
 
     trainable: TrainableDenoiser
+    cfg: ModelConfig
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.cfg.device)
 
     @property
     def version(self) -> int:
