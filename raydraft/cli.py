@@ -129,6 +129,34 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample(args: argparse.Namespace) -> int:
+    """Images for prompts with the deterministic sampler: a base model or a run's weights."""
+    import torch
+
+    from raydraft.build import build_policy
+    from raydraft.run_dir import image_grid
+    from raydraft.sampling.loop import denoise
+    from raydraft.trainer import eval_sampler, load_for_inference
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    cfg = load_config(run_dir / "config.yaml" if run_dir else args.config, args.overrides)
+    policy = build_policy(cfg.model)
+    if run_dir:
+        print(f"{run_dir}: step {load_for_inference(policy, run_dir)}")
+    sampler = eval_sampler(cfg, policy)
+    seeds = [args.seed + i for i in range(len(args.prompt))]
+    with torch.no_grad():
+        x = policy.initial_noise(seeds)
+        x = denoise(
+            policy, policy.encode(args.prompt), x, sampler, range(sampler.num_steps),
+            cfg.sampler.guidance_scale,
+        ).x  # fmt: skip
+        images = policy.decode(x)
+    image_grid(images, columns=min(len(images), 8)).save(args.out)
+    print(args.out)
+    return 0
+
+
 def dashboards(args: argparse.Namespace) -> int:
     from raydraft.dashboards import write
 
@@ -174,6 +202,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON report here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.eval_num_steps=20")
     p.set_defaults(func=evaluate)
+
+    p = commands.add_parser("sample", help="images for prompts (any model family) as a PNG")
+    p.add_argument("--config", help="config of the model (default: toy-flowgrpo)")
+    p.add_argument("--run-dir", help="sample with this run's newest checkpoint (EMA if kept)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a grid")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 each)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.eval_num_steps=30")
+    p.set_defaults(func=sample)
 
     p = commands.add_parser("dashboards", help="write the Grafana dashboard and scrape config")
     p.add_argument("--out", default="dashboards", help="directory (default: dashboards/)")

@@ -8,16 +8,20 @@ seed convention fails.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
 from tiny_models import pipeline_images, save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
 
 from raydraft.build import build_policy
+from raydraft.cli import main
 from raydraft.config import LoraConfig, ModelConfig
 from raydraft.models.base import Policy
 from raydraft.models.sd import SDPolicy
 from raydraft.models.sd3 import SD3Policy
+from raydraft.run_dir import image_grid
 from raydraft.sampling.samplers import DDIMSampler
 
 PROMPTS = ["a red cat", "the blue dog"]
@@ -101,3 +105,18 @@ def test_missing_weights_and_another_family_give_clear_errors(tmp_path):
     sd_dir = save_tiny_sd(tmp_path / "sd")
     with pytest.raises(ValueError, match=r"holds a StableDiffusionPipeline.*model.family=sd$"):
         SD3Policy.from_pretrained(ModelConfig(family="sd3", path=str(sd_dir)))
+
+
+def test_sample_command_writes_the_pipelines_images(model_dir, tmp_path):
+    family, path = model_dir
+    out = tmp_path / "grid.png"
+    overrides = [
+        f"model.family={family}", f"model.path={path}", "model.lora.enabled=false",
+        "sampler.kind=ddim", "sampler.eval_num_steps=4", "sampler.guidance_scale=7.5",
+    ]  # fmt: skip
+    argv = ["sample", "--config", "toy-draft-lv", "--seed", "3", "--out", str(out)]
+    assert main([*argv, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], *overrides]) == 0
+    expected = pipeline_images(PIPELINES[family](path), PROMPTS, [3, 4], 4, 7.5)
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert got.shape == (16, 32, 3)
+    assert np.abs(got - np.asarray(image_grid(expected, 2), dtype=np.int16)).max() <= 1
