@@ -61,10 +61,8 @@ def test_loads_as_a_policy_with_its_prediction_type(model_dir):
     assert policy.latent_shape == (4, 8, 8)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 7.5])
-def test_ddim_loop_over_predict_is_the_pipeline(model_dir, guidance):
-    steps = 4
-    policy = make_policy(model_dir)
+def ddim_images(policy: SDPolicy, steps: int, guidance: float) -> torch.Tensor:
+    """Our sampler's deterministic DDIM loop over `policy.predict`, decoded."""
     sampler = DDIMSampler.from_scheduler(policy.scheduler, steps)
     cond = policy.encode(PROMPTS)
     x = policy.initial_noise(SEEDS)
@@ -72,12 +70,39 @@ def test_ddim_loop_over_predict_is_the_pipeline(model_dir, guidance):
         for i in range(steps):
             t = torch.full((len(x),), sampler.model_time(i))
             x = sampler.step(policy.predict(x, t, cond, guidance), x, i, stochastic=False).x_next
-        images = policy.decode(x)
+        return policy.decode(x)
 
-    pipe = PIPELINES[model_dir[0]](model_dir[1])
-    expected = pipeline_images(pipe, PROMPTS, SEEDS, steps, guidance)
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_ddim_loop_over_predict_is_the_pipeline(model_dir, guidance):
+    images = ddim_images(make_policy(model_dir), 4, guidance)
+    expected = pipeline_images(PIPELINES[model_dir[0]](model_dir[1]), PROMPTS, SEEDS, 4, guidance)
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
     assert images.std() > 0.01  # not a saturated, trivially equal image
+
+
+def test_exported_lora_loads_into_the_pipeline_and_changes_it_as_ours(model_dir, tmp_path):
+    policy = make_policy(model_dir, rank=4, alpha=8.0)  # alpha != rank: the scale must survive
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    policy.export(tmp_path / "lora")
+    pipe = PIPELINES[model_dir[0]](model_dir[1])
+    base = pipeline_images(pipe, PROMPTS, SEEDS, 4, 7.5)
+    pipe.load_lora_weights(tmp_path / "lora")
+    expected = pipeline_images(pipe, PROMPTS, SEEDS, 4, 7.5)
+    assert (expected - base).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(ddim_images(policy, 4, 7.5), expected, rtol=0, atol=1e-5)
+
+
+def test_a_full_fine_tune_exports_a_diffusers_directory(model_dir, tmp_path):
+    policy = make_policy(model_dir, enabled=False)
+    with torch.no_grad():
+        policy.unet.conv_out.bias.add_(0.1)
+    policy.export(tmp_path / "full")
+    pipe = PIPELINES[model_dir[0]](tmp_path / "full")
+    expected = pipeline_images(pipe, PROMPTS, SEEDS, 4, 7.5)
+    torch.testing.assert_close(ddim_images(policy, 4, 7.5), expected, rtol=0, atol=1e-5)
 
 
 def test_fresh_lora_is_the_base_model_and_reference_switches_it_off(model_dir):

@@ -10,6 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from raydraft.config import ModelConfig
+from raydraft.models.trainable import TrainableDenoiser
 
 # model_index.json's `_class_name` → the model.family whose adapter loads it.
 FAMILY_OF_PIPELINE = {
@@ -45,3 +46,20 @@ def load_pipeline(pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, **k
             f"({reason}). The weights must be present locally (a diffusers directory or a "
             "hub id already in the cache): raydraft never downloads them."
         ) from None
+
+
+def export_pipeline(
+    pipe: DiffusionPipeline, trainable: TrainableDenoiser, denoiser: str, out_dir: str | Path
+) -> None:
+    """A LoRA in diffusers' format (`pipe.load_lora_weights(out_dir)` loads it unchanged), or
+    with full fine-tuning the whole pipeline as a diffusers directory."""
+    if not trainable.uses_lora:
+        pipe.save_pretrained(out_dir)
+        return
+    type(pipe).save_lora_weights(
+        out_dir,
+        **{
+            f"{denoiser}_lora_layers": trainable.state(),
+            f"{denoiser}_lora_adapter_metadata": trainable.lora_metadata(),
+        },
+    )

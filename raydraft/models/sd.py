@@ -11,6 +11,7 @@ its config. Only the UNet trains; the text encoder and the VAE stay frozen.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +19,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
 from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, guided_prediction, initial_noise
-from raydraft.models.loading import load_pipeline
+from raydraft.models.loading import export_pipeline, load_pipeline
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
 
 # diffusers' and DDPO's SD LoRA targets: the UNet's self- and cross-attention projections.
@@ -127,6 +128,9 @@ class SDPolicy(TrainableDelegate):
 
     def modules(self) -> list[torch.nn.Module]:
         return [*self.trainable.modules(), *self.frozen_modules()]
+
+    def export(self, out_dir: str | Path) -> None:
+        export_pipeline(self.pipe, self.trainable, "unet", out_dir)
 
     def train(self, mode: bool = True) -> None:
         self.unet.train(mode)

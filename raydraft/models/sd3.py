@@ -9,13 +9,14 @@ trains; the three text encoders and the VAE stay frozen.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, guided_prediction, initial_noise
-from raydraft.models.loading import load_pipeline
+from raydraft.models.loading import export_pipeline, load_pipeline
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
 
 # Flow-GRPO's SD3 LoRA targets: the image-stream and the text-stream (joint) attention.
@@ -135,6 +136,9 @@ class SD3Policy(TrainableDelegate):
         pipe = self.pipe
         frozen = (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
         return [*self.trainable.modules(), *(m for m in frozen if m is not None)]
+
+    def export(self, out_dir: str | Path) -> None:
+        export_pipeline(self.pipe, self.trainable, "transformer", out_dir)
 
     def train(self, mode: bool = True) -> None:
         """Only the transformer changes mode: T5 has dropout, and the frozen parts stay eval."""

@@ -46,6 +46,11 @@ class TrainableDenoiser:
     def modules(self) -> list[torch.nn.Module]:
         return [self.module] + ([self._frozen_copy] if self._frozen_copy is not None else [])
 
+    def lora_metadata(self) -> dict:
+        """The adapter's peft config, which diffusers stores beside exported LoRA weights so
+        that rank and alpha load back unchanged."""
+        return self.module.peft_config["default"].to_dict()
+
     def shard(self) -> None:
         """FSDP2 over the default process group (`raydraft.sharding`); full fine-tuning
         only. From here on `state` and `load` are collectives: every rank calls them."""
