@@ -300,10 +300,8 @@ def test_bfloat16_dtype_plumbing(model_dir, pipe):
     assert policy.predict(x, t, cond, guidance=4.5).dtype == torch.float32
 
 
-@pytest.mark.parametrize("guidance", [1.0, 4.5])
-def test_euler_loop_over_predict_is_the_pipeline(model_dir, pipe, guidance):
-    steps = 4
-    policy = make_policy(model_dir)
+def euler_images(policy: SD3Policy, pipe, steps: int, guidance: float) -> torch.Tensor:
+    """A plain Euler loop over `policy.predict` on the pipeline's sigmas, decoded."""
     pipe.scheduler.set_timesteps(steps)
     sigmas = pipe.scheduler.sigmas.clone()
     cond = policy.encode(PROMPTS)
@@ -312,8 +310,25 @@ def test_euler_loop_over_predict_is_the_pipeline(model_dir, pipe, guidance):
         for sigma, sigma_next in itertools.pairwise(sigmas):
             v = policy.predict(x, sigma.expand(len(x)), cond, guidance)
             x = x + (sigma_next - sigma) * v
-        images = policy.decode(x)
+        return policy.decode(x)
 
-    expected = pipeline_images(pipe, PROMPTS, SEEDS, steps, guidance)
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_euler_loop_over_predict_is_the_pipeline(model_dir, pipe, guidance):
+    images = euler_images(make_policy(model_dir), pipe, 4, guidance)
+    expected = pipeline_images(pipe, PROMPTS, SEEDS, 4, guidance)
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
     assert images.std() > 0.01  # not a saturated, trivially equal image
+
+
+def test_exported_lora_loads_into_the_pipeline_and_changes_it_as_ours(model_dir, pipe, tmp_path):
+    policy = make_policy(model_dir, rank=4, alpha=8.0)  # alpha != rank: the scale must survive
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    policy.export(tmp_path / "lora")
+    base = pipeline_images(pipe, PROMPTS, SEEDS, 4, 4.5)
+    pipe.load_lora_weights(tmp_path / "lora")
+    expected = pipeline_images(pipe, PROMPTS, SEEDS, 4, 4.5)
+    assert (expected - base).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(euler_images(policy, pipe, 4, 4.5), expected, rtol=0, atol=1e-5)
