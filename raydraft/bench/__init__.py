@@ -1,5 +1,6 @@
 """Benchmarks: `raydraft bench NAME` prints ratios measured side by side in one run."""
 
 from raydraft.bench.draft_cost import run as draft_cost
+from raydraft.bench.sampler import run as sampler
 
-BENCHES = {"draft-cost": draft_cost}
+BENCHES = {"draft-cost": draft_cost, "sampler": sampler}
