@@ -131,11 +131,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def sample(args: argparse.Namespace) -> int:
     """Images for prompts with the deterministic sampler: a base model or a run's weights."""
-    import torch
-
     from raydraft.build import build_policy
     from raydraft.run_dir import image_grid
-    from raydraft.sampling.loop import denoise
+    from raydraft.sampling.loop import sample_images
     from raydraft.trainer import eval_sampler, load_for_inference
 
     run_dir = Path(args.run_dir) if args.run_dir else None
@@ -143,15 +141,10 @@ def sample(args: argparse.Namespace) -> int:
     policy = build_policy(cfg.model)
     if run_dir:
         print(f"{run_dir}: step {load_for_inference(policy, run_dir)}")
-    sampler = eval_sampler(cfg, policy)
     seeds = [args.seed + i for i in range(len(args.prompt))]
-    with torch.no_grad():
-        x = policy.initial_noise(seeds)
-        x = denoise(
-            policy, policy.encode(args.prompt), x, sampler, range(sampler.num_steps),
-            cfg.sampler.guidance_scale,
-        ).x  # fmt: skip
-        images = policy.decode(x)
+    images = sample_images(
+        policy, eval_sampler(cfg, policy), args.prompt, seeds, cfg.sampler.guidance_scale
+    )
     image_grid(images, columns=min(len(images), 8)).save(args.out)
     print(args.out)
     return 0

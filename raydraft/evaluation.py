@@ -13,7 +13,7 @@ from raydraft.data.shapes import CATEGORIES, split_specs
 from raydraft.models.base import Policy
 from raydraft.rewards.base import to_uint8_hwc
 from raydraft.rewards.shapes_checker import check
-from raydraft.sampling.loop import denoise
+from raydraft.sampling.loop import sample_images
 from raydraft.sampling.samplers import Sampler
 
 EVAL_SEED = 1_000_000
@@ -45,11 +45,8 @@ def evaluate(
     results: dict[str, list[tuple[float, bool]]] = {c: [] for c in CATEGORIES}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        prompts = [p for _, p, _ in chunk]
-        cond = policy.encode(prompts)
-        x = policy.initial_noise([s for _, _, s in chunk])
-        x = denoise(policy, cond, x, sampler, range(sampler.num_steps), guidance).x
-        images = to_uint8_hwc(policy.decode(x))
+        prompts, seeds = [p for _, p, _ in chunk], [s for _, _, s in chunk]
+        images = to_uint8_hwc(sample_images(policy, sampler, prompts, seeds, guidance))
         for (category, prompt, _), image in zip(chunk, images, strict=True):
             results[category].append(check(image, prompt))
     table = {

@@ -31,7 +31,7 @@ from raydraft.report import reward_curve
 from raydraft.rewards.registry import build_reward
 from raydraft.rollout import RolloutResult, generate
 from raydraft.run_dir import RunDirectory
-from raydraft.sampling.loop import denoise
+from raydraft.sampling.loop import sample_images
 from raydraft.sampling.samplers import Sampler, build_sampler
 
 SAMPLE_GRID_SIZE = 8
@@ -202,17 +202,12 @@ class Trainer:
                 self.cfg.logging.eval_per_category,
             )
 
-    @torch.no_grad()
     def sample_images(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Deterministic samples at the evaluation step count (EMA weights if kept)."""
         policy, sampler = self.policy, eval_sampler(self.cfg, self.policy)
         policy.train(False)
         with self.engine.inference_weights():
-            cond = policy.encode(prompts)
-            x = policy.initial_noise(seeds)
-            steps = range(sampler.num_steps)
-            x = denoise(policy, cond, x, sampler, steps, self.cfg.sampler.guidance_scale).x
-            return policy.decode(x)
+            return sample_images(policy, sampler, prompts, seeds, self.cfg.sampler.guidance_scale)
 
     def save_samples(self) -> Path | None:
         if not self.cfg.logging.sample_every:

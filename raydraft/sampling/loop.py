@@ -83,3 +83,15 @@ def denoise(
             latents.append(x)
             log_probs.append(log_prob)
     return DenoiseResult(x, latents, log_probs)
+
+
+@torch.no_grad()
+def sample_images(
+    policy: Policy, sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int], guidance: float
+) -> torch.Tensor:
+    """Decoded images from every step of `sampler` without noise: sample grids, evaluation
+    and `raydraft sample`."""
+    cond = policy.encode(list(prompts))
+    x = policy.initial_noise(list(seeds))
+    x = denoise(policy, cond, x, sampler, range(sampler.num_steps), guidance).x
+    return policy.decode(x)
