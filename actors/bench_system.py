@@ -191,8 +191,8 @@ class Sender:
     def open_weight_group(self, host, port, world_size, timeout_s) -> None:
         self.group = BroadcastGroup(host, port, 0, world_size, torch.device("cpu"), timeout_s)
 
-    def send_weights(self) -> tuple[int, int]:
-        return self.version, self.group.send(self.state, self.buckets, self.version)
+    def send_weights(self) -> int:
+        return self.group.send(self.state, self.buckets, self.version)
 
 
 def weight_sync(size_mb: int, workers: int, transport: str, repeats: int = 3) -> float:

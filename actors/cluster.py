@@ -42,6 +42,17 @@ def actor_threads(cpus: float, configured: int | None) -> int:
     return configured or max(1, int(cpus))
 
 
+def failed_calls(calls: list[ray.ObjectRef], timeout_s: float | None = None) -> list[int]:
+    """Positions of the calls whose actor died (or did not answer within `timeout_s`)."""
+    failed = []
+    for index, call in enumerate(calls):
+        try:
+            ray.get(call, timeout=timeout_s)
+        except (*WORKER_FAILURES, ray.exceptions.GetTimeoutError):
+            failed.append(index)
+    return failed
+
+
 def rendezvous_address() -> tuple[str, int]:
     """This node's address and a free port on it: where a process group meets."""
     host = ray.util.get_node_ip_address()

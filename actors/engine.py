@@ -27,7 +27,7 @@ import ray
 from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.cluster import WORKER_FAILURES, wait_for_start
+from actors.cluster import WORKER_FAILURES, failed_calls, wait_for_start
 from actors.learner import LearnerActor, LearnerGroup
 from actors.reward_serving import deploy_rewards, rewards_on_serve
 from actors.rollout_worker import RolloutWorker
@@ -144,12 +144,7 @@ class RayEngine:
     def _await_workers(self, calls: list[ray.ObjectRef]) -> None:
         """Wait for one call per worker; the workers that died under it are revived (with
         the newest weights, on the device)."""
-        dead = []
-        for index, call in enumerate(calls):
-            try:
-                ray.get(call)
-            except WORKER_FAILURES:
-                dead.append(index)
+        dead = failed_calls(calls)
         if dead:
             self._revive(dead)
 

@@ -95,8 +95,8 @@ class LearnerActor:
         device = self.learner.policy.device
         self.weight_group = BroadcastGroup(host, port, 0, world_size, device, timeout_s)
 
-    def send_weights(self) -> tuple[int, int] | None:
-        """Broadcast the trainable state to the workers: (version, bytes sent)."""
+    def send_weights(self) -> int | None:
+        """Broadcast the trainable state (and its version) to the workers: bytes sent."""
         policy = self.learner.policy
         state = policy.trainable_state()
         if self.learner.rank != 0:
@@ -106,7 +106,7 @@ class LearnerActor:
         except BaseException:
             self.weight_group = None  # a member failed: the group is unusable
             raise
-        return policy.version, sent
+        return sent
 
     def inference_weights(self) -> WeightsMessage | None:
         """The weights to sample with for evaluation: the EMA shadow when kept."""

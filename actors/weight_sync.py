@@ -21,7 +21,7 @@ import ray
 import torch
 
 from actors.broadcast_group import Buckets
-from actors.cluster import WORKER_FAILURES
+from actors.cluster import WORKER_FAILURES, failed_calls
 from raydraft.config import ExperimentConfig
 
 # Rollout workers handle weight traffic here, beside the batch they are sampling.
@@ -51,7 +51,6 @@ class ObjectStoreSync:
 
     def __init__(self) -> None:
         self.latest: ray.ObjectRef | None = None
-        self.version = -1
         self.last_bytes = 0
 
     def open(self, leader, workers: list) -> list[ray.ObjectRef]:
@@ -59,11 +58,8 @@ class ObjectStoreSync:
 
     def publish(self, leader, workers: list) -> list[ray.ObjectRef]:
         """Send the leader's weights to every worker; returns the acknowledgements."""
-        return self.send(ray.get(leader.weights.remote()), workers)
-
-    def send(self, message: WeightsMessage, workers: list) -> list[ray.ObjectRef]:
+        message = ray.get(leader.weights.remote())
         self.latest = ray.put(message)
-        self.version = message.version
         self.last_bytes = message.nbytes
         return [w.set_weights.remote(self.latest) for w in workers]
 
@@ -71,13 +67,8 @@ class ObjectStoreSync:
         """Send the newest version to the `revived` workers; returns those that failed."""
         if self.latest is None:
             raise RuntimeError("no weights were published yet")
-        failed = []
-        for index in revived:
-            try:
-                ray.get(workers[index].set_weights.remote(self.latest))
-            except WORKER_FAILURES:
-                failed.append(index)
-        return failed
+        calls = [workers[index].set_weights.remote(self.latest) for index in revived]
+        return [revived[i] for i in failed_calls(calls)]
 
 
 class BroadcastFailed(RuntimeError):
@@ -89,7 +80,6 @@ class CollectiveSync:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.timeout_s = timeout_s
         self.buckets: Buckets | None = None
-        self.version = -1
         self.last_bytes = 0
 
     def open(self, leader, workers: list) -> list[ray.ObjectRef]:
@@ -113,7 +103,7 @@ class CollectiveSync:
         (the group is then closed: `catch_up` reopens it)."""
         acks = [w.receive_weights.remote() for w in workers]
         try:
-            self.version, self.last_bytes = ray.get(leader.send_weights.remote())
+            self.last_bytes = ray.get(leader.send_weights.remote())
         except ray.exceptions.RayTaskError as error:
             raise BroadcastFailed(str(error)) from error
         return acks
@@ -139,14 +129,7 @@ class CollectiveSync:
 
 def unresponsive(workers: list, timeout_s: float) -> list[int]:
     """Indices of the workers that do not answer a ping (on their weights thread)."""
-    pings = [w.pid.remote() for w in workers]
-    dead = []
-    for index, ping in enumerate(pings):
-        try:
-            ray.get(ping, timeout=timeout_s)
-        except (*WORKER_FAILURES, ray.exceptions.GetTimeoutError):
-            dead.append(index)
-    return dead
+    return failed_calls([w.pid.remote() for w in workers], timeout_s)
 
 
 def weight_sync_for(cfg: ExperimentConfig) -> ObjectStoreSync | CollectiveSync:
