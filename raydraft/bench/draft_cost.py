@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from raydraft.bench.timing import median_seconds
 
 DEFAULTS = {"config": "toy-draft-k", "batch": 8, "steps": 8, "repeats": 3}
 
@@ -27,22 +27,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(config: str, batch: int, steps: int, k: int, checkpoint: bool, repeats: int) -> dict:
     """One cell, in this process: sampling seconds, update seconds, peak memory."""
     from raydraft.algorithms.common import PromptBatch
     from raydraft.build import build_algorithm, build_policy
     from raydraft.config import load_config
     from raydraft.rewards.registry import build_reward
-    from raydraft.sampling.loop import denoise
+    from raydraft.sampling.loop import sample_images
 
     torch.manual_seed(0)
     cfg = load_config(
@@ -63,12 +54,9 @@ def measure(config: str, batch: int, steps: int, k: int, checkpoint: bool, repea
     )
     generator = torch.Generator().manual_seed(0)
 
-    @torch.no_grad()
     def sample() -> None:
-        cond = policy.encode(prompts.prompts)
-        x = policy.initial_noise(prompts.seeds.tolist())
-        x = denoise(policy, cond, x, algorithm.sampler, range(steps), cfg.sampler.guidance_scale).x
-        policy.decode(x)
+        seeds, guidance = prompts.seeds.tolist(), cfg.sampler.guidance_scale
+        sample_images(policy, algorithm.sampler, prompts.prompts, seeds, guidance)
 
     def update() -> None:
         rollout = algorithm.rollout(policy, prompts, generator)
@@ -77,10 +65,9 @@ def measure(config: str, batch: int, steps: int, k: int, checkpoint: bool, repea
         for p in policy.trainable_parameters():
             p.grad = None
 
-    sample()
-    sample_s = _median_seconds(sample, repeats)
+    sample_s = median_seconds(sample, repeats, warm_up=True)
     before = _peak_rss_mb()
-    update_s = _median_seconds(update, repeats)
+    update_s = median_seconds(update, repeats)
     return {
         "k": k,
         "checkpoint": checkpoint,

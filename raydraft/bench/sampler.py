@@ -12,18 +12,11 @@ text encoder (for a GPU).
 from __future__ import annotations
 
 import platform
-import statistics
 import tempfile
-import time
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from raydraft.config import LoraConfig, ModelConfig
-from raydraft.models.sd import SDPolicy
-from raydraft.sampling.loop import StepNoise, denoise
-from raydraft.sampling.samplers import DDIMSampler
+from raydraft.bench.timing import median_seconds
 
 DEFAULTS = {"size": "small", "batch": 4, "steps": 10, "guidance": 7.5, "repeats": 3}
 SIZES = {  # UNet channels, layers per block, cross-attention width, latent side
@@ -32,7 +25,17 @@ SIZES = {  # UNet channels, layers per block, cross-attention width, latent side
 }
 
 
-def build_pipeline(size: str) -> StableDiffusionPipeline:
+def build_pipeline(size: str):
+    """A StableDiffusionPipeline of `size` with random weights (diffusers is imported here,
+    not when `raydraft bench` loads the list of benchmarks)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     channels, layers, width, side = SIZES[size]
     n = len(channels)
     unet = UNet2DConditionModel(
@@ -79,17 +82,12 @@ def build_pipeline(size: str) -> StableDiffusionPipeline:
     )  # fmt: skip
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run(options: list[str]) -> None:
+    from raydraft.config import LoraConfig, ModelConfig
+    from raydraft.models.sd import SDPolicy
+    from raydraft.sampling.loop import StepNoise, denoise
+    from raydraft.sampling.samplers import DDIMSampler
+
     opts = dict(DEFAULTS) | dict(o.split("=", 1) for o in options)
     size, batch, steps = opts["size"], int(opts["batch"]), int(opts["steps"])
     guidance, repeats = float(opts["guidance"]), int(opts["repeats"])
@@ -126,9 +124,11 @@ def run(options: list[str]) -> None:
 
         with torch.no_grad():
             cells = {
-                "pipeline": _median_seconds(pipeline_call, repeats),
-                "ours, DDIM eta 0": _median_seconds(lambda: ours(0.0), repeats),
-                "ours, DDIM eta 1 + log-probs": _median_seconds(lambda: ours(1.0), repeats),
+                "pipeline": median_seconds(pipeline_call, repeats, warm_up=True),
+                "ours, DDIM eta 0": median_seconds(lambda: ours(0.0), repeats, warm_up=True),
+                "ours, DDIM eta 1 + log-probs": median_seconds(
+                    lambda: ours(1.0), repeats, warm_up=True
+                ),
             }
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
     print(f"# raydraft bench sampler: {name or platform.machine()}, torch {torch.__version__}, "
