@@ -36,6 +36,9 @@ class EMA:
                 for p, value in zip(self.parameters, live, strict=True):
                     p.copy_(value)
 
+    def to(self, device: torch.device | str) -> None:
+        self.shadow = [s.to(device) for s in self.shadow]
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {str(i): s for i, s in enumerate(self.shadow)}
 

@@ -71,11 +71,9 @@ class Learner:
         policy.train(True)
         weighted: dict[str, float] = defaultdict(float)  # sum over micro-batches of share * stat
         grad_norms = []
-        micros = 0
         for micro_batches in updates:
             self.optimizer.zero_grad(set_to_none=True)
             for micro in micro_batches:
-                micros += 1
                 part, share = self._my_rows(micro)
                 if part is None:
                     continue
@@ -92,6 +90,7 @@ class Learner:
             if self.ema is not None:
                 self.ema.update()
         policy.version += 1
+        micros = sum(len(micro_batches) for micro_batches in updates)
         metrics = {key: value / micros for key, value in self._sum_across_ranks(weighted).items()}
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return (
@@ -140,7 +139,7 @@ class Learner:
         move_policy(self.policy, device)
         move_optimizer_state(self.optimizer, device)
         if self.ema is not None:
-            self.ema.shadow = [s.to(device) for s in self.ema.shadow]
+            self.ema.to(device)
         release_cached_memory()
 
     # -- checkpoint state -----------------------------------------------------------
