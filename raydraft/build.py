@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from raydraft.algorithms.draft import DRaFT
 from raydraft.algorithms.flow_grpo import FlowGRPO
 from raydraft.config import DraftConfig, ExperimentConfig, ModelConfig
@@ -9,25 +11,21 @@ from raydraft.models.base import Policy
 from raydraft.rewards.base import Reward
 from raydraft.sampling.samplers import Sampler, build_sampler
 
+# model.family → the adapter class, imported on use (diffusers is slow to import).
+ADAPTERS = {
+    "toy": ("raydraft.models.toy", "ToyPolicy"),
+    "sd": ("raydraft.models.sd", "SDPolicy"),
+    "sdxl": ("raydraft.models.sdxl", "SDXLPolicy"),
+    "sd3": ("raydraft.models.sd3", "SD3Policy"),
+    "flux": ("raydraft.models.flux", "FluxPolicy"),
+}
+
 
 def build_policy(cfg: ModelConfig, keep_reference: bool = False) -> Policy:
-    if cfg.family == "toy":
-        from raydraft.models.toy import ToyPolicy
-
-        return ToyPolicy.from_pretrained(cfg, keep_reference)
-    if cfg.family == "sd":
-        from raydraft.models.sd import SDPolicy
-
-        return SDPolicy.from_pretrained(cfg, keep_reference)
-    if cfg.family == "sdxl":
-        from raydraft.models.sdxl import SDXLPolicy
-
-        return SDXLPolicy.from_pretrained(cfg, keep_reference)
-    if cfg.family == "sd3":
-        from raydraft.models.sd3 import SD3Policy
-
-        return SD3Policy.from_pretrained(cfg, keep_reference)
-    raise ValueError(f"model.family {cfg.family!r} has no adapter")
+    if cfg.family not in ADAPTERS:
+        raise ValueError(f"model.family {cfg.family!r} has no adapter")
+    module, name = ADAPTERS[cfg.family]
+    return getattr(importlib.import_module(module), name).from_pretrained(cfg, keep_reference)
 
 
 def needs_reference(cfg: ExperimentConfig) -> bool:
@@ -41,9 +39,7 @@ def build_algorithm(
     reward: Reward | None,
     sampler: Sampler | None = None,
 ) -> DRaFT | FlowGRPO:
-    sampler = sampler or build_sampler(
-        cfg.sampler, policy.prediction_type, ddim_scheduler=getattr(policy, "scheduler", None)
-    )
+    sampler = sampler or build_sampler(cfg.sampler, policy)
     guidance = cfg.sampler.guidance_scale
     if isinstance(cfg.algorithm, DraftConfig):
         return DRaFT(

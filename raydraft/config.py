@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -39,15 +46,46 @@ class LoraConfig(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 class ModelConfig(Section):
-    family: Literal["toy", "sd", "sdxl", "sd3"] = "toy"  # sd: SD 1.x / 2.x (epsilon or v)
+    family: Literal["toy", "sd", "sdxl", "sd3", "flux"] = "toy"  # sd: SD 1.x / 2.x
     path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # or fp32, bf16, fp16
     device: str = "cpu"
     resolution: PositiveInt | None = None  # pixels; None = the model's native size
-    gradient_checkpointing: bool = False  # inside the denoiser, per block (any algorithm)
     negative_prompt: str = ""
+    max_sequence_length: PositiveInt | None = None  # T5 tokens (sd3, flux); None: the pipeline's
+    true_cfg_scale: Annotated[float, Field(ge=1)] = 1.0  # flux: CFG with the negative prompt
     lora: LoraConfig = LoraConfig()
+    # Memory switches for large models:
+    gradient_checkpointing: bool = False  # inside the denoiser, per block (any algorithm)
+    vae_slicing: bool = False  # decode one image at a time
+    vae_tiling: bool = False  # decode overlapping tiles (large resolutions; blends seams)
+    offload_text_encoders: bool = False  # frozen text encoders stay in host memory
+    text_embedding_cache: NonNegativeInt = 0  # prompts whose embeddings are kept; 0: off
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return DTYPE_ALIASES.get(value, value)
+
+    @model_validator(mode="after")
+    def _family_options(self) -> ModelConfig:
+        if self.true_cfg_scale > 1 and self.family != "flux":
+            raise ValueError(
+                "true_cfg_scale is FLUX's true classifier-free guidance; other families "
+                "use sampler.guidance_scale"
+            )
+        if self.max_sequence_length is not None and self.family not in ("sd3", "flux"):
+            raise ValueError("max_sequence_length sets the T5 prompt length of sd3 and flux")
+        switches = ("vae_slicing", "vae_tiling", "offload_text_encoders", "text_embedding_cache")
+        if self.family == "toy" and any(getattr(self, name) for name in switches):
+            raise ValueError(
+                f"{', '.join(switches)} are for diffusers pipelines, not the toy model"
+            )
+        return self
 
 
 class SamplerConfig(Section):
@@ -55,7 +93,7 @@ class SamplerConfig(Section):
     num_steps: PositiveInt = 10
     eval_num_steps: PositiveInt = 20
     noise_level: NonNegativeFloat = 0.7  # SDE/CPS `a`, DDIM eta
-    shift: PositiveFloat = 1.0  # flow schedule shift (SD3: 3.0)
+    shift: PositiveFloat | None = None  # None: the model's own flow schedule; else s·t/(1+(s-1)·t)
     guidance_scale: NonNegativeFloat = 1.0  # 1 = no classifier-free guidance
     sde_window_size: PositiveInt | None = None  # Flow-GRPO-Fast: SDE only inside a window
     sde_window_range: tuple[NonNegativeInt, PositiveInt] | None = None  # window start in [lo, hi)

@@ -267,12 +267,7 @@ def eval_sampler(cfg: ExperimentConfig, policy: Policy) -> Sampler:
     """The deterministic sampler (ODE / DDIM eta 0) at the evaluation step count."""
     kind = {"kind": "ode"} if policy.prediction_type == "flow" else {"noise_level": 0.0}
     sampler_cfg = cfg.sampler.model_copy(update=kind)
-    return build_sampler(
-        sampler_cfg,
-        policy.prediction_type,
-        cfg.sampler.eval_num_steps,
-        ddim_scheduler=getattr(policy, "scheduler", None),
-    )
+    return build_sampler(sampler_cfg, policy, cfg.sampler.eval_num_steps)
 
 
 def load_for_inference(policy: Policy, run_dir: str | Path) -> int:

@@ -4,7 +4,7 @@ through the real loaders: only the LoRA weights change."""
 import pytest
 import torch
 from overrides import SMALL
-from tiny_models import save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
+from tiny_models import save_tiny_flux, save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
 
 from raydraft.config import load_config
 from raydraft.trainer import Trainer
@@ -18,12 +18,19 @@ STEPS = [
 ]
 # family: (tiny model writer, sampler for Flow-GRPO, sampler for DRaFT, denoiser, frozen parts)
 FAMILIES = {
-    "sd3": (
+    "sd3": (  # on the model's own schedule (its scheduler's shift 3)
         save_tiny_sd3,
-        ["sampler.shift=3.0"],
-        ["sampler.shift=3.0"],
+        [],
+        [],
         "transformer",
         ["vae", "text_encoder", "text_encoder_3"],
+    ),
+    "flux": (  # FLUX.1-dev: the guidance scale is the transformer's guidance embedding
+        save_tiny_flux,
+        ["model.resolution=16"],
+        ["model.resolution=16"],
+        "transformer",
+        ["vae", "text_encoder", "text_encoder_2"],
     ),
     "sd": (
         save_tiny_sd,

@@ -7,16 +7,16 @@ fails here; the last test runs a whole sampling loop against `pipe(...)`.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from tiny_models import pipeline_images, save_tiny_sd3
 
-from raydraft.config import LoraConfig, ModelConfig
+from raydraft.config import LoraConfig, ModelConfig, SamplerConfig
 from raydraft.models.base import Policy
 from raydraft.models.sd3 import DEFAULT_LORA_TARGETS, SD3Policy
+from raydraft.sampling.loop import sample_images
+from raydraft.sampling.samplers import build_sampler
 
 PROMPTS = ["a red cat", "the blue dog"]
 SEEDS = [3, 11]
@@ -300,22 +300,26 @@ def test_bfloat16_dtype_plumbing(model_dir, pipe):
     assert policy.predict(x, t, cond, guidance=4.5).dtype == torch.float32
 
 
-def euler_images(policy: SD3Policy, pipe, steps: int, guidance: float) -> torch.Tensor:
-    """A plain Euler loop over `policy.predict` on the pipeline's sigmas, decoded."""
-    pipe.scheduler.set_timesteps(steps)
-    sigmas = pipe.scheduler.sigmas.clone()
-    cond = policy.encode(PROMPTS)
-    x = policy.initial_noise(SEEDS)
-    with torch.no_grad():
-        for sigma, sigma_next in itertools.pairwise(sigmas):
-            v = policy.predict(x, sigma.expand(len(x)), cond, guidance)
-            x = x + (sigma_next - sigma) * v
-        return policy.decode(x)
+def test_flow_sigmas_are_the_pipelines(model_dir, pipe):
+    policy = make_policy(model_dir)
+    pipe.scheduler.set_timesteps(6)
+    assert torch.equal(policy.flow_sigmas(6), pipe.scheduler.sigmas)
+    assert torch.equal(
+        build_sampler(SamplerConfig(num_steps=6), policy).sigmas, pipe.scheduler.sigmas
+    )
+    plain = build_sampler(SamplerConfig(num_steps=6, shift=3.0), policy).sigmas  # an override
+    assert not torch.equal(plain, pipe.scheduler.sigmas)
+
+
+def ode_images(policy: SD3Policy, steps: int, guidance: float) -> torch.Tensor:
+    """Our deterministic sampler on the policy's own schedule, decoded."""
+    sampler = build_sampler(SamplerConfig(kind="ode", num_steps=steps), policy)
+    return sample_images(policy, sampler, PROMPTS, SEEDS, guidance)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
-def test_euler_loop_over_predict_is_the_pipeline(model_dir, pipe, guidance):
-    images = euler_images(make_policy(model_dir), pipe, 4, guidance)
+def test_ode_sampler_is_the_pipeline(model_dir, pipe, guidance):
+    images = ode_images(make_policy(model_dir), 4, guidance)
     expected = pipeline_images(pipe, PROMPTS, SEEDS, 4, guidance)
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
     assert images.std() > 0.01  # not a saturated, trivially equal image
@@ -331,4 +335,4 @@ def test_exported_lora_loads_into_the_pipeline_and_changes_it_as_ours(model_dir,
     pipe.load_lora_weights(tmp_path / "lora")
     expected = pipeline_images(pipe, PROMPTS, SEEDS, 4, 4.5)
     assert (expected - base).abs().max() > 1e-3  # the adapter does something
-    torch.testing.assert_close(euler_images(policy, pipe, 4, 4.5), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ode_images(policy, 4, 4.5), expected, rtol=0, atol=1e-5)

@@ -14,6 +14,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -111,21 +113,7 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     )
     text_encoder = _clip(len(tokenizer), 8, tokenizer)
     text_encoder_2 = _clip(len(tokenizer), 16, tokenizer)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=JOINT_ATTENTION_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            pad_token_id=tokenizer_3.pad_token_id,
-            eos_token_id=tokenizer_3.eos_token_id,
-            decoder_start_token_id=tokenizer_3.pad_token_id,
-        )
-    )
+    text_encoder_3 = _t5(tokenizer_3)
     return StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -134,7 +122,7 @@ def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=clip_tokenizer(),
-        text_encoder_3=text_encoder_3.eval(),
+        text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
 
@@ -143,6 +131,77 @@ def save_tiny_sd3(dirpath: str | Path, seed: int = 0) -> Path:
     """A diffusers directory (model_index.json and one folder per component)."""
     path = Path(dirpath)
     build_tiny_sd3_pipeline(seed).save_pretrained(path)
+    return path
+
+
+def _t5(tokenizer: T5Tokenizer) -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=JOINT_ATTENTION_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+
+
+def build_tiny_flux_pipeline(variant: str = "dev", seed: int = 0) -> FluxPipeline:
+    """A FLUX.1-shaped pipeline: one double-stream and one single-stream block over 2×2
+    packed latents with 3-axis RoPE, CLIP pooled + T5 conditioning. "dev" has the guidance
+    embedding and dev's resolution-dependent shift; "schnell" neither (shift 1)."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,  # packed 2×2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_ATTENTION_DIM,
+        pooled_projection_dim=16,  # CLIP-L's pooled output (its hidden size)
+        guidance_embeds=variant == "dev",
+        axes_dims_rope=(2, 2, 4),  # sums to the head dim
+    )
+    schedules = {  # the released checkpoints' scheduler configs
+        "dev": {"shift": 3.0, "use_dynamic_shifting": True},
+        "schnell": {"shift": 1.0, "use_dynamic_shifting": False},
+    }
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+        **schedules[variant],
+    )
+    vae = _vae(
+        LATENT_CHANNELS,
+        scaling_factor=0.3611,  # FLUX.1's
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=_clip(len(tokenizer), 16, tokenizer, CLIPTextModel),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5(tokenizer_2),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer.eval(),
+    )
+
+
+def save_tiny_flux(dirpath: str | Path, variant: str = "dev", seed: int = 0) -> Path:
+    path = Path(dirpath)
+    build_tiny_flux_pipeline(variant, seed).save_pretrained(path)
     return path
 
 

@@ -76,6 +76,9 @@ class Conditioning:
             extra={k: torch.cat([v, v]) for k, v in self.extra.items()},
         )
 
+    def to(self, device: torch.device | str) -> Conditioning:
+        return self._map(lambda t: t.to(device))
+
     def tile(self, times: int) -> Conditioning:
         """The whole batch `times` times over (rows i, i + B, ... share a prompt)."""
         return self._map(lambda t: t.repeat(times, *[1] * (t.dim() - 1)))
@@ -88,7 +91,8 @@ class Policy(Protocol):
     `predict` returns epsilon (SD1/SDXL), v (v-prediction) or the flow velocity
     (SD3/FLUX/toy) according to `prediction_type`; classifier-free guidance is applied
     inside, so a sampler never sees the unconditional branch. Epsilon and v policies also
-    carry `scheduler`, the DDIMScheduler of their noise schedule, for the DDIM sampler.
+    carry `scheduler`, the DDIMScheduler of their noise schedule, for the DDIM sampler;
+    flow policies carry `flow_sigmas(num_steps)`, the times their own pipeline steps through.
     """
 
     prediction_type: PredictionType

@@ -17,6 +17,7 @@ FAMILY_OF_PIPELINE = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 
 
@@ -44,8 +45,17 @@ def load_pipeline(pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, **k
         raise FileNotFoundError(
             f"model.path {cfg.path!r}: cannot load a {pipeline_class.__name__} from it "
             f"({reason}). The weights must be present locally (a diffusers directory or a "
-            "hub id already in the cache): raydraft never downloads them."
+            f"hub id already in the cache): raydraft never downloads them. {_fetch_hint(cfg.path)}"
         ) from None
+
+
+def _fetch_hint(path: str) -> str:
+    if Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        return f"Fetch one into that directory with `hf download REPO_ID --local-dir {path}`."
+    return (
+        f"Fetch it into the hub cache with `hf download {path}` where the hub is reachable "
+        "(the same HF_HUB_CACHE, or copy the cache over), or set model.path to a directory."
+    )
 
 
 def export_pipeline(

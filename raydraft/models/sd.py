@@ -11,40 +11,32 @@ its config. Only the UNet trains; the text encoder and the VAE stay frozen.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
 from raydraft.config import ModelConfig
-from raydraft.models.base import Conditioning, guided_prediction, initial_noise
-from raydraft.models.loading import export_pipeline, load_pipeline
-from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
+from raydraft.models.base import Conditioning, guided_prediction
+from raydraft.models.pipeline import PipelinePolicy
 
 # diffusers' and DDPO's SD LoRA targets: the UNet's self- and cross-attention projections.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class SDPolicy(TrainableDelegate):
+class SDPolicy(PipelinePolicy):
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionPipeline
     load_kwargs: ClassVar[dict[str, Any]] = {
         "safety_checker": None,
         "requires_safety_checker": False,
     }
+    denoiser_name = "unet"
+    text_encoder_names = ("text_encoder",)
+    lora_targets = DEFAULT_LORA_TARGETS
 
     def __init__(
         self, pipe: DiffusionPipeline, model_cfg: ModelConfig, keep_reference: bool = False
     ) -> None:
-        self.cfg = model_cfg
-        self.dtype = getattr(torch, model_cfg.dtype)
-        if pipe.dtype != self.dtype:
-            pipe.to(dtype=self.dtype)
-        self.pipe = pipe.to(model_cfg.device)
-        self.unet = pipe.unet
-        self.vae = pipe.vae
-        for frozen in self.frozen_modules():
-            frozen.requires_grad_(False).eval()
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -52,23 +44,14 @@ class SDPolicy(TrainableDelegate):
                 f"model.path {model_cfg.path!r}: prediction_type {self.prediction_type!r}; "
                 "the SD adapter takes epsilon or v_prediction models"
             )
-        self.trainable = TrainableDenoiser(
-            self.unet, model_cfg.lora, DEFAULT_LORA_TARGETS, keep_reference
-        )
-        if model_cfg.gradient_checkpointing:
-            self.trainable.set_gradient_checkpointing(True)
+        super().__init__(pipe, model_cfg, keep_reference)
+        self.unet = self.denoiser
         scale = pipe.vae_scale_factor
         resolution = model_cfg.resolution or self.unet.config.sample_size * scale
         if resolution % scale:
             raise ValueError(f"resolution {resolution} must be divisible by {scale}")
         side = resolution // scale
         self._latent_shape = (self.unet.config.in_channels, side, side)
-
-    @classmethod
-    def from_pretrained(cls, model_cfg: ModelConfig, keep_reference: bool = False) -> SDPolicy:
-        """Load a diffusers directory (or a hub id already in the local cache): never downloads."""
-        pipe = load_pipeline(cls.pipeline_class, model_cfg, **cls.load_kwargs)
-        return cls(pipe, model_cfg, keep_reference)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -81,14 +64,10 @@ class SDPolicy(TrainableDelegate):
             return list(negative_prompts)
         return [self.cfg.negative_prompt] * n if self.cfg.negative_prompt else None
 
-    @torch.no_grad()
-    def encode(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None
-    ) -> Conditioning:
-        prompts = list(prompts)
+    def _encode(self, prompts: list[str], negative_prompts: list[str] | None) -> Conditioning:
         embeds, negative_embeds = self.pipe.encode_prompt(
             prompts,
-            self.device,
+            self.text_device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=self._negatives(len(prompts), negative_prompts),
@@ -106,31 +85,5 @@ class SDPolicy(TrainableDelegate):
         """Epsilon or v at integer timesteps `t`."""
         return guided_prediction(self._unet, x, t, cond, guidance, self.device, self.dtype)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The pipeline's VAE decode and postprocess, differentiable; float32 out."""
-        config = self.vae.config
-        latents = latents.to(self.dtype)
-        if getattr(config, "latents_mean", None) is not None:
-            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1).float()
-
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        noise = initial_noise(self.latent_shape, seeds, self.dtype)
-        return (noise * self.scheduler.init_noise_sigma).to(self.device)
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.pipe.vae, self.pipe.text_encoder]
-
-    def modules(self) -> list[torch.nn.Module]:
-        return [*self.trainable.modules(), *self.frozen_modules()]
-
-    def export(self, out_dir: str | Path) -> None:
-        export_pipeline(self.pipe, self.trainable, "unet", out_dir)
-
-    def train(self, mode: bool = True) -> None:
-        self.unet.train(mode)
+        return super().initial_noise(seeds) * self.scheduler.init_noise_sigma

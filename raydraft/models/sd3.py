@@ -1,23 +1,22 @@
 """Stable Diffusion 3 / 3.5 behind the Policy protocol (rectified flow, velocity output).
 
 The adapter wraps a `StableDiffusion3Pipeline` and reuses its own `encode_prompt`, timestep
-scaling, CFG combination and latent (de)normalisation, so a plain Euler loop over `predict`
-reproduces `pipe(...)` exactly (tests/test_sd3_policy.py checks this). Only the transformer
-trains; the three text encoders and the VAE stay frozen.
+scaling, CFG combination, latent (de)normalisation and schedule, so our ODE sampler over
+`predict` reproduces `pipe(...)` exactly (tests/test_sd3_policy.py checks this). Only the
+transformer trains; the three text encoders and the VAE stay frozen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from typing import ClassVar
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 
 from raydraft.config import ModelConfig
-from raydraft.models.base import Conditioning, guided_prediction, initial_noise
-from raydraft.models.loading import export_pipeline, load_pipeline
-from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
+from raydraft.models.base import Conditioning, guided_prediction
+from raydraft.models.flow_schedule import pipeline_sigmas
+from raydraft.models.pipeline import PipelinePolicy
 
 # Flow-GRPO's SD3 LoRA targets: the image-stream and the text-stream (joint) attention.
 DEFAULT_LORA_TARGETS = (
@@ -32,68 +31,47 @@ DEFAULT_LORA_TARGETS = (
 )
 
 
-class SD3Policy(TrainableDelegate):
+class SD3Policy(PipelinePolicy):
     prediction_type = "flow"
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusion3Pipeline
+    denoiser_name = "transformer"
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    lora_targets = DEFAULT_LORA_TARGETS
 
     def __init__(
-        self,
-        pipe: StableDiffusion3Pipeline,
-        model_cfg: ModelConfig,
-        keep_reference: bool = False,
-        max_sequence_length: int = 256,
+        self, pipe: StableDiffusion3Pipeline, model_cfg: ModelConfig, keep_reference: bool = False
     ) -> None:
-        """`max_sequence_length` is the T5 prompt length (the pipeline's default is 256)."""
-        self.cfg = model_cfg
-        self.dtype = getattr(torch, model_cfg.dtype)
-        self.max_sequence_length = max_sequence_length
-        if pipe.dtype != self.dtype:  # a caller's pipeline; re-casting a loaded one only warns
-            pipe.to(dtype=self.dtype)
-        self.pipe = pipe.to(model_cfg.device)
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
-        self.trainable = TrainableDenoiser(
-            self.transformer, model_cfg.lora, DEFAULT_LORA_TARGETS, keep_reference
-        )
-        if model_cfg.gradient_checkpointing:
-            self.trainable.set_gradient_checkpointing(True)
-        self._latent_shape = self._compute_latent_shape()
-
-    @classmethod
-    def from_pretrained(cls, model_cfg: ModelConfig, keep_reference: bool = False) -> SD3Policy:
-        """Load a diffusers directory (or a hub id already in the local cache): never downloads."""
-        pipe = load_pipeline(StableDiffusion3Pipeline, model_cfg)
-        return cls(pipe, model_cfg, keep_reference)
-
-    def _compute_latent_shape(self) -> tuple[int, int, int]:
-        scale = self.pipe.vae_scale_factor
+        super().__init__(pipe, model_cfg, keep_reference)
+        self.transformer = self.denoiser
+        self.max_sequence_length = model_cfg.max_sequence_length or 256  # the pipeline's default
+        scale = pipe.vae_scale_factor
         config = self.transformer.config
-        resolution = self.cfg.resolution or config.sample_size * scale
+        resolution = model_cfg.resolution or config.sample_size * scale
         if resolution % (scale * config.patch_size):
             raise ValueError(
                 f"resolution {resolution} must be divisible by {scale * config.patch_size} "
                 "(VAE scale factor × transformer patch size)"
             )
-        return (config.in_channels, resolution // scale, resolution // scale)
+        self._latent_shape = (config.in_channels, resolution // scale, resolution // scale)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return self._latent_shape
 
-    @torch.no_grad()
-    def encode(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None
-    ) -> Conditioning:
+    def flow_sigmas(self, num_steps: int) -> torch.Tensor:
+        """The pipeline's schedule: its scheduler's shift (3.0 for SD3), or a dynamic one."""
+        patch = self.transformer.config.patch_size
+        _, height, width = self.latent_shape
+        return pipeline_sigmas(self.pipe.scheduler, num_steps, (height // patch) * (width // patch))
+
+    def _encode(self, prompts: list[str], negative_prompts: list[str] | None) -> Conditioning:
         """Negatives are always encoded, so whether to use CFG is decided per `predict` call."""
-        prompts = list(prompts)
-        negatives = list(negative_prompts or [self.cfg.negative_prompt] * len(prompts))
+        negatives = negative_prompts or [self.cfg.negative_prompt] * len(prompts)
         embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
-            device=self.device,
+            device=self.text_device,
             do_classifier_free_guidance=True,
             negative_prompt=negatives,
             max_sequence_length=self.max_sequence_length,
@@ -120,26 +98,3 @@ class SD3Policy(TrainableDelegate):
     ) -> torch.Tensor:
         """Velocity at x_t = (1 - t) x0 + t eps."""
         return guided_prediction(self._velocity, x, t, cond, guidance, self.device, self.dtype)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The pipeline's VAE decode and postprocess, kept differentiable for DRaFT; float32
-        out so rewards see one dtype whatever the model's."""
-        config = self.vae.config
-        latents = latents.to(self.dtype) / config.scaling_factor + config.shift_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1).float()
-
-    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        return initial_noise(self.latent_shape, seeds, self.dtype).to(self.device)
-
-    def modules(self) -> list[torch.nn.Module]:
-        pipe = self.pipe
-        frozen = (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
-        return [*self.trainable.modules(), *(m for m in frozen if m is not None)]
-
-    def export(self, out_dir: str | Path) -> None:
-        export_pipeline(self.pipe, self.trainable, "transformer", out_dir)
-
-    def train(self, mode: bool = True) -> None:
-        """Only the transformer changes mode: T5 has dropout, and the frozen parts stay eval."""
-        self.transformer.train(mode)

@@ -9,7 +9,6 @@ zeros of `force_zeros_for_empty_prompt`, as in the pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -22,21 +21,20 @@ from raydraft.models.sd import SDPolicy
 class SDXLPolicy(SDPolicy):
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionXLPipeline
     load_kwargs: ClassVar[dict[str, Any]] = {"add_watermarker": False}  # not part of the model
+    text_encoder_names = ("text_encoder", "text_encoder_2")
 
-    @torch.no_grad()
-    def encode(
-        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None
-    ) -> Conditioning:
-        prompts = list(prompts)
+    def _encode(self, prompts: list[str], negative_prompts: list[str] | None) -> Conditioning:
         embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=prompts,
-            device=self.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=self._negatives(len(prompts), negative_prompts),
         )
         pixels = tuple(side * self.pipe.vae_scale_factor for side in self.latent_shape[1:])
-        time_ids = torch.tensor([[*pixels, 0, 0, *pixels]], dtype=self.dtype, device=self.device)
+        time_ids = torch.tensor(
+            [[*pixels, 0, 0, *pixels]], dtype=self.dtype, device=self.text_device
+        )
         return Conditioning(
             embeds=embeds.to(self.dtype),
             pooled=pooled.to(self.dtype),
@@ -50,6 +48,3 @@ class SDXLPolicy(SDPolicy):
         return self.trainable.active(
             x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False
         )[0]
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [*super().frozen_modules(), self.pipe.text_encoder_2]

@@ -17,8 +17,9 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from raydraft.config import ModelConfig
-from raydraft.models.base import Conditioning, initial_noise
+from raydraft.models.base import Conditioning, guided_prediction, initial_noise
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
+from raydraft.sampling.flow import flow_sigmas
 
 IMAGE_SIZE = 32
 MAX_TOKENS = 16
@@ -155,19 +156,17 @@ class ToyPolicy(TrainableDelegate):
         negatives = negative_prompts or [self.cfg.negative_prompt] * len(prompts)
         return Conditioning(embeds=self._embed(prompts), negative_embeds=self._embed(negatives))
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        folded = F.pixel_unshuffle(x.to(self.dtype), 2)
-        out = self.trainable.active(folded, t * 1000, encoder_hidden_states=embeds).sample
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        folded = F.pixel_unshuffle(x, 2)
+        out = self.trainable.active(folded, t * 1000, encoder_hidden_states=cond.embeds).sample
         return F.pixel_shuffle(out, 2)
 
     def predict(self, x, t, cond, guidance) -> torch.Tensor:
-        if guidance == 1 or cond.negative_embeds is None:
-            return self._velocity(x, t, cond.embeds)
-        both = self._velocity(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond.negative_embeds, cond.embeds])
-        )
-        uncond, text = both.chunk(2)
-        return uncond + guidance * (text - uncond)
+        return guided_prediction(self._velocity, x, t, cond, guidance, self.device, self.dtype)
+
+    def flow_sigmas(self, num_steps: int) -> torch.Tensor:
+        """The schedule the toy model was pretrained on: uniform times, no shift."""
+        return flow_sigmas(num_steps)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents.float() / 2 + 0.5).clamp(0, 1)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from raydraft.config import SamplerConfig
-from raydraft.models.base import PredictionType
+from raydraft.models.base import Policy, PredictionType
 from raydraft.sampling.ddim import ddim_step_with_logprob, to_epsilon
 from raydraft.sampling.flow import (
     StepOutput,
@@ -136,25 +136,22 @@ class DDIMSampler:
         return to_epsilon(model_output, x, self.alpha[i], self.prediction_type)[1].to(x.dtype)
 
 
-def build_sampler(
-    cfg: SamplerConfig,
-    prediction_type: PredictionType,
-    num_steps: int | None = None,
-    ddim_scheduler=None,
-) -> Sampler:
-    """The sampler a config asks for; `num_steps` overrides (evaluation uses more steps)."""
+def build_sampler(cfg: SamplerConfig, policy: Policy, num_steps: int | None = None) -> Sampler:
+    """The sampler a config asks for, on the policy's own noise schedule: DDIM over an
+    epsilon/v policy's `scheduler`, flow steps over a flow policy's `flow_sigmas` (its
+    pipeline's times) unless `sampler.shift` sets a plain shifted schedule. `num_steps`
+    overrides the config (evaluation uses more steps)."""
     steps = num_steps or cfg.num_steps
-    if prediction_type == "flow":
+    if policy.prediction_type == "flow":
         if cfg.kind == "ddim":
             raise ValueError(
                 "sampler.kind: ddim needs an epsilon/v model; this policy is a flow model"
             )
-        return FlowSampler(flow_sigmas(steps, cfg.shift), cfg.kind, cfg.noise_level)
+        sigmas = policy.flow_sigmas(steps) if cfg.shift is None else flow_sigmas(steps, cfg.shift)
+        return FlowSampler(sigmas, cfg.kind, cfg.noise_level)
     if cfg.kind != "ddim":
         raise ValueError(
-            f"sampler.kind: {cfg.kind} needs a flow model; this policy predicts {prediction_type}"
+            f"sampler.kind: {cfg.kind} needs a flow model; "
+            f"this policy predicts {policy.prediction_type}"
         )
-    if ddim_scheduler is None:
-        raise ValueError("a DDIM sampler needs the model's noise schedule (a DDIMScheduler)")
-    eta = cfg.noise_level
-    return DDIMSampler.from_scheduler(ddim_scheduler, steps, eta)
+    return DDIMSampler.from_scheduler(policy.scheduler, steps, cfg.noise_level)

@@ -1,0 +1,70 @@
+"""Where model weights come from: a hub id resolved from the local cache (offline), and the
+errors a missing id, a missing directory or a wrong dtype name give."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+from tiny_models import pipeline_images, save_tiny_flux
+
+from raydraft.build import build_policy
+from raydraft.config import ConfigError, ModelConfig, load_config
+from raydraft.run_dir import image_grid
+
+PROMPTS = ["a red cat", "the blue dog"]
+
+
+def put_in_hub_cache(model_dir, cache, repo_id: str) -> None:
+    """The layout `hf download` leaves: a snapshot per commit and refs/main naming it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+
+
+def test_a_hub_id_in_the_local_cache_samples_offline(tmp_path):
+    """`raydraft sample` in a fresh process that sees only the cache (HF_HUB_OFFLINE), on
+    FLUX.1-dev: the images are the pipeline's."""
+    model_dir = save_tiny_flux(tmp_path / "flux")
+    put_in_hub_cache(model_dir, tmp_path / "cache", "tiny-org/flux-dev")
+    out = tmp_path / "grid.png"
+    overrides = [
+        "model.family=flux", "model.path=tiny-org/flux-dev", "model.resolution=16",
+        "model.lora.enabled=false", "sampler.eval_num_steps=3",
+        "sampler.guidance_scale=3.5",
+    ]  # fmt: skip
+    prompts = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "raydraft", "sample", "--config", "toy-flowgrpo"]
+    command += ["--seed", "3", "--out", str(out), *prompts, *overrides]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    torch.set_num_threads(1)
+    pipe = FluxPipeline.from_pretrained(model_dir, local_files_only=True)
+    expected = image_grid(pipeline_images(pipe, PROMPTS, [3, 4], 3, 3.5), 2)
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+def test_missing_hub_id_and_directory_say_how_to_fetch(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'someone/not-cached'.*hf download someone/not"):
+        build_policy(ModelConfig(family="flux", path="someone/not-cached"))
+    missing = tmp_path / "models" / "flux-dev"
+    with pytest.raises(FileNotFoundError, match=rf"never downloads.*--local-dir {missing}"):
+        build_policy(ModelConfig(family="flux", path=str(missing)))
+
+
+def test_dtype_names():
+    assert load_config("toy-flowgrpo", ["model.dtype=bf16"]).model.dtype == "bfloat16"
+    assert ModelConfig(dtype="fp16").dtype == "float16"
+    with pytest.raises(ConfigError, match=r"model.dtype: Input should be 'float32', 'bfloat16'"):
+        load_config("toy-flowgrpo", ["model.dtype=fp64"])
