@@ -6,7 +6,6 @@ build is the same every time and a save/load round trip is exact.
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import torch
@@ -32,6 +31,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from raydraft.models.tokenizers import byte_clip_tokenizer, char_t5_tokenizer
+
 CLIP_MAX_TOKENS = 16
 LATENT_CHANNELS = 16  # SD3's VAE
 SAMPLE_SIZE = 8  # latent side; the VAE halves the pixels, so 16×16 images
@@ -39,28 +40,8 @@ JOINT_ATTENTION_DIM = 32  # T5 width; the two CLIP widths (8 + 16) are zero-padd
 POOLED_DIM = 64  # CLIP-L projection 32 + CLIP-G projection 32
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2/CLIP's printable stand-in character for each of the 256 bytes."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
 def clip_tokenizer() -> CLIPTokenizer:
-    """Byte-level CLIP BPE without merges: every text encodes, one token per byte."""
-    chars = _byte_chars()
-    tokens = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=CLIP_MAX_TOKENS
-    )
-
-
-def t5_tokenizer() -> T5Tokenizer:
-    """Unigram over characters and a few words, with T5's <pad>=0, </s>=1, <unk>=2 layout."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    pieces += [("▁" + w, -1.0) for w in ("a", "the", "of", "red", "blue", "cat", "dog")]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
+    return byte_clip_tokenizer(max_length=CLIP_MAX_TOKENS)
 
 
 def _clip(
@@ -88,7 +69,7 @@ def _clip(
 def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """An SD3.5-shaped pipeline (dual attention in block 0, RMS qk-norm) in about 200k weights."""
     torch.manual_seed(seed)
-    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer()
+    tokenizer, tokenizer_3 = clip_tokenizer(), char_t5_tokenizer()
     transformer = SD3Transformer2DModel(
         sample_size=SAMPLE_SIZE,
         patch_size=2,
@@ -157,7 +138,7 @@ def build_tiny_flux_pipeline(variant: str = "dev", seed: int = 0) -> FluxPipelin
     packed latents with 3-axis RoPE, CLIP pooled + T5 conditioning. "dev" has the guidance
     embedding and dev's resolution-dependent shift; "schnell" neither (shift 1)."""
     torch.manual_seed(seed)
-    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    tokenizer, tokenizer_2 = clip_tokenizer(), char_t5_tokenizer()
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,  # packed 2×2

@@ -2,11 +2,11 @@
 
 Same model, steps, batch, guidance and seeds; the ratio is our images/s over the
 pipeline's, measured side by side (median of `repeats`, after a warm-up of each). Ours:
-encode + DDIM loop over `policy.predict` + decode, deterministic (eta 0) and stochastic
-with per-step log-probs (eta 1, what a Flow-GRPO/DDPO rollout records). The model is an
-SD 1.x-shaped pipeline built from configs with random weights (no download), saved and
-loaded through the adapter; `size=small` fits a CPU, `size=sd15` is SD 1.5's UNet, VAE and
-text encoder (for a GPU).
+encode + the sampling loop over `policy.predict` + decode, deterministic and stochastic
+with per-step log-probs (what a Flow-GRPO/DDPO rollout records): DDIM eta 0 / eta 1 for
+`family=sd`, the flow ODE / SDE for `family=flux`. The model is built from configs with
+random weights (no download), saved and loaded through the adapter. `size=small` fits a
+CPU; `size=full` is the real architecture (SD 1.5's, FLUX.1-dev's), for a GPU.
 """
 
 from __future__ import annotations
@@ -18,122 +18,171 @@ import torch
 
 from raydraft.bench.timing import median_seconds
 
-DEFAULTS = {"size": "small", "batch": 4, "steps": 10, "guidance": 7.5, "repeats": 3}
-SIZES = {  # UNet channels, layers per block, cross-attention width, latent side
-    "small": ((32, 64), 1, 64, 16),
-    "sd15": ((320, 640, 1280, 1280), 2, 768, 64),
-}
+DEFAULTS = {"family": "sd", "size": "small", "batch": 4, "steps": 10, "repeats": 3}
+GUIDANCE = {"sd": 7.5, "flux": 3.5}  # the pipelines' defaults (FLUX: the embedded guidance)
+T5_TOKENS = {"small": 128, "full": 512}  # FLUX prompt length
+SIDES = {("sd", "small"): 32, ("sd", "full"): 512, ("flux", "small"): 64, ("flux", "full"): 1024}
 
 
-def build_pipeline(size: str):
-    """A StableDiffusionPipeline of `size` with random weights (diffusers is imported here,
-    not when `raydraft bench` loads the list of benchmarks)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def build_sd_pipeline(size: str):
+    """A StableDiffusionPipeline: `full` is SD 1.5's UNet, VAE and CLIP-L (diffusers is
+    imported here, not when `raydraft bench` loads the list of benchmarks)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    channels, layers, width, side = SIZES[size]
-    n = len(channels)
+    from raydraft.models.tokenizers import byte_clip_tokenizer
+
+    full = size == "full"
+    channels = (320, 640, 1280, 1280) if full else (32, 64)
+    width, n = 768 if full else 64, len(channels)
     unet = UNet2DConditionModel(
-        sample_size=side,
+        sample_size=64 if full else 16,
         block_out_channels=channels,
-        layers_per_block=layers,
+        layers_per_block=2 if full else 1,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=width,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512) if size == "sd15" else (32, 64),
-        down_block_types=("DownEncoderBlock2D",) * (4 if size == "sd15" else 2),
-        up_block_types=("UpDecoderBlock2D",) * (4 if size == "sd15" else 2),
-        latent_channels=4,
-        layers_per_block=2 if size == "sd15" else 1,
-        sample_size=side * (8 if size == "sd15" else 2),
-    )
-    vocab = {chr(c): i for i, c in enumerate(range(33, 127))}
-    vocab |= {f"{c}</w>": i + len(vocab) for c, i in list(vocab.items())}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=width,
-            intermediate_size=4 * width,
-            num_hidden_layers=12 if size == "sd15" else 2,
-            num_attention_heads=12 if size == "sd15" else 2,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    tokenizer = byte_clip_tokenizer(max_length=77)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )  # fmt: skip
     return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        unet=unet, vae=_vae(size, latent_channels=4, scaling_factor=0.18215),
+        text_encoder=CLIPTextModel(_clip_config(size, width, tokenizer)),
+        tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def build_flux_pipeline(size: str):
+    """A FluxPipeline: `full` is FLUX.1-dev's transformer (19 double + 38 single blocks),
+    VAE, CLIP-L and T5-XXL, about 17B weights (bf16 on a GPU)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from raydraft.models.tokenizers import byte_clip_tokenizer, char_t5_tokenizer
+
+    full = size == "full"
+    t5_width = 4096 if full else 128
+    transformer = FluxTransformer2DModel(
+        in_channels=64,
+        num_layers=19 if full else 2,
+        num_single_layers=38 if full else 4,
+        attention_head_dim=128 if full else 32,
+        num_attention_heads=24 if full else 4,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=768 if full else 64,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56) if full else (8, 12, 12),
+    )
+    tokenizer, tokenizer_2 = byte_clip_tokenizer(max_length=77), char_t5_tokenizer()
+    t5 = T5Config(
+        vocab_size=len(tokenizer_2), d_model=t5_width, d_kv=64 if full else 32,
+        d_ff=10240 if full else 256, num_layers=24 if full else 2,
+        num_heads=64 if full else 4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(size, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                 use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=CLIPTextModel(_clip_config(size, 768 if full else 64, tokenizer)),
+        tokenizer=tokenizer, text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )  # fmt: skip
+
+
+def _vae(size: str, **config):
+    from diffusers import AutoencoderKL
+
+    full = size == "full"
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512) if full else (32, 64),
+        down_block_types=("DownEncoderBlock2D",) * (4 if full else 2),
+        up_block_types=("UpDecoderBlock2D",) * (4 if full else 2),
+        layers_per_block=2 if full else 1,
+        **config,
+    )
+
+
+def _clip_config(size: str, width: int, tokenizer):
+    from transformers import CLIPTextConfig
+
+    layers = 12 if size == "full" else 2
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=layers, num_attention_heads=12 if size == "full" else 2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
 
 
 def run(options: list[str]) -> None:
-    from raydraft.config import LoraConfig, ModelConfig
-    from raydraft.models.sd import SDPolicy
+    from raydraft.build import build_policy
+    from raydraft.config import LoraConfig, ModelConfig, SamplerConfig
     from raydraft.sampling.loop import StepNoise, denoise
-    from raydraft.sampling.samplers import DDIMSampler
+    from raydraft.sampling.samplers import build_sampler
 
     opts = dict(DEFAULTS) | dict(o.split("=", 1) for o in options)
-    size, batch, steps = opts["size"], int(opts["batch"]), int(opts["steps"])
-    guidance, repeats = float(opts["guidance"]), int(opts["repeats"])
+    family, size = opts["family"], opts["size"]
+    batch, steps, repeats = int(opts["batch"]), int(opts["steps"]), int(opts["repeats"])
+    guidance = float(opts.get("guidance", GUIDANCE[family]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = opts.get("dtype", "bfloat16" if device == "cuda" else "float32")
     prompts = [f"a photo of thing {i}" for i in range(batch)]
     seeds = list(range(batch))
+    samplers = {  # label: sampler config (the stochastic one records log-probs)
+        "sd": {
+            "ours, DDIM eta 0": SamplerConfig(kind="ddim", noise_level=0.0),
+            "ours, DDIM eta 1 + log-probs": SamplerConfig(kind="ddim", noise_level=1.0),
+        },
+        "flux": {
+            "ours, flow ODE": SamplerConfig(kind="ode"),
+            "ours, flow SDE + log-probs": SamplerConfig(kind="sde", noise_level=0.7),
+        },
+    }[family]
+    side = SIDES[family, size]  # pixels
+    extra = {"max_sequence_length": T5_TOKENS[size]} if family == "flux" else {}
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as directory:
-        build_pipeline(size).save_pretrained(directory)
+        build = build_sd_pipeline if family == "sd" else build_flux_pipeline
+        build(size).to(dtype=getattr(torch, dtype)).save_pretrained(directory)
         cfg = ModelConfig(
-            family="sd", path=directory, dtype=dtype, device=device,
-            lora=LoraConfig(enabled=False),
+            family=family, path=directory, dtype=dtype, device=device, resolution=side,
+            lora=LoraConfig(enabled=False), **extra,
         )  # fmt: skip
-        policy = SDPolicy.from_pretrained(cfg)
+        policy = build_policy(cfg)
         pipe = policy.pipe
         pipe.set_progress_bar_config(disable=True)
-        side = policy.latent_shape[1] * pipe.vae_scale_factor
 
         def pipeline_call() -> None:
             generators = [torch.Generator().manual_seed(s) for s in seeds]
             pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
-                 generator=generators, output_type="pt", height=side, width=side)  # fmt: skip
+                 generator=generators, output_type="pt", height=side, width=side,
+                 **extra)  # fmt: skip
 
-        def ours(eta: float) -> None:
-            sampler = DDIMSampler.from_scheduler(policy.scheduler, steps, eta)
-            mask = torch.full((steps,), eta > 0)
-            x = policy.initial_noise(seeds)
+        def ours(sampler_cfg: SamplerConfig) -> None:
+            sampler = build_sampler(sampler_cfg, policy, steps)
+            stochastic = sampler_cfg.noise_level > 0
             x = denoise(
-                policy, policy.encode(prompts), x, sampler, range(steps), guidance,
-                StepNoise(seeds), mask, record=eta > 0,
+                policy, policy.encode(prompts), policy.initial_noise(seeds), sampler,
+                range(steps), guidance, StepNoise(seeds), torch.full((steps,), stochastic),
+                record=stochastic,
             ).x  # fmt: skip
             policy.decode(x)
 
         with torch.no_grad():
-            cells = {
-                "pipeline": median_seconds(pipeline_call, repeats, warm_up=True),
-                "ours, DDIM eta 0": median_seconds(lambda: ours(0.0), repeats, warm_up=True),
-                "ours, DDIM eta 1 + log-probs": median_seconds(
-                    lambda: ours(1.0), repeats, warm_up=True
-                ),
-            }
+            cells = {"pipeline": median_seconds(pipeline_call, repeats, warm_up=True)}
+            for label, sampler_cfg in samplers.items():
+                cells[label] = median_seconds(lambda c=sampler_cfg: ours(c), repeats, warm_up=True)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
     print(f"# raydraft bench sampler: {name or platform.machine()}, torch {torch.__version__}, "
-          f"{size} SD pipeline ({side}x{side} px), {dtype}, batch {batch}, {steps} steps, "
-          f"CFG {guidance}")  # fmt: skip
+          f"{size} {family} pipeline ({side}x{side} px), {dtype}, batch {batch}, "
+          f"{steps} steps, guidance {guidance}")  # fmt: skip
     print("| sampler | s per batch | images/s | vs pipeline |\n|---|---|---|---|")
     for label, seconds in cells.items():
         ratio = cells["pipeline"] / seconds

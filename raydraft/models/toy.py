@@ -18,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, guided_prediction, initial_noise
+from raydraft.models.tokenizers import byte_clip_tokenizer
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
 from raydraft.sampling.flow import flow_sigmas
 
@@ -27,44 +28,13 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "toy-model"
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2/CLIP's printable stand-in character for each of the 256 bytes."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def word_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over bytes, plus merges that make each of `words` one token.
-
-    Any text still encodes (byte fallback); the shapes world's words become single
-    tokens, so a tiny text encoder need not learn to spell.
-    """
-    chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-    for word in sorted(set(words)):
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        prefix = pieces[0]
-        for piece in pieces[1:]:
-            merges.append((prefix, piece))
-            prefix += piece
-            tokens.append(prefix)
-    tokens = [*dict.fromkeys(tokens), "<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(
-        vocab={t: i for i, t in enumerate(tokens)},
-        merges=list(dict.fromkeys(merges)),
-        model_max_length=MAX_TOKENS,
-    )
-
-
 def build_toy_components(
     seed: int = 0, words: Sequence[str] = ()
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
     """Freshly initialised components (random weights), deterministic in `seed`;
     `words` become single tokens (the shapes world's vocabulary)."""
     torch.manual_seed(seed)
-    tokenizer = word_tokenizer(words)
+    tokenizer = byte_clip_tokenizer(words, MAX_TOKENS)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
