@@ -46,12 +46,22 @@ class LoraConfig(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def is_single_file(path: str | None) -> bool:
+    return bool(path) and path.endswith(SINGLE_FILE_SUFFIXES)
+
+
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class ModelConfig(Section):
     family: Literal["toy", "sd", "sdxl", "sd3", "flux"] = "toy"  # sd: SD 1.x / 2.x
     path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
+    # With model.path a single-file denoiser checkpoint (flux1-dev.safetensors, a fine-tuned
+    # UNet or transformer): the diffusers directory or hub id holding the rest of the model.
+    pipeline_path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # or fp32, bf16, fp16
     device: str = "cpu"
     resolution: PositiveInt | None = None  # pixels; None = the model's native size
@@ -80,6 +90,17 @@ class ModelConfig(Section):
             )
         if self.max_sequence_length is not None and self.family not in ("sd3", "flux"):
             raise ValueError("max_sequence_length sets the T5 prompt length of sd3 and flux")
+        single_file = is_single_file(self.path)
+        if single_file and not self.pipeline_path:
+            raise ValueError(
+                f"model.path {self.path!r} is a single-file checkpoint: set model.pipeline_path "
+                "to the diffusers directory or hub id it belongs to (configs, text encoders, VAE)"
+            )
+        if self.pipeline_path and not single_file:
+            raise ValueError(
+                "model.pipeline_path completes a single-file model.path (ending in "
+                f"{', '.join(SINGLE_FILE_SUFFIXES)}); model.path is {self.path!r}"
+            )
         switches = ("vae_slicing", "vae_tiling", "offload_text_encoders", "text_embedding_cache")
         if self.family == "toy" and any(getattr(self, name) for name in switches):
             raise ValueError(

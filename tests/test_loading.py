@@ -1,5 +1,6 @@
-"""Where model weights come from: a hub id resolved from the local cache (offline), and the
-errors a missing id, a missing directory or a wrong dtype name give."""
+"""Where model weights come from: a hub id resolved from the local cache (offline), a
+single-file denoiser beside its pipeline, and the errors a missing id, directory or file
+or a wrong dtype name give."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import DiffusionPipeline, FluxPipeline
 from PIL import Image
-from tiny_models import pipeline_images, save_tiny_flux
+from safetensors.torch import save_file
+from tiny_models import pipeline_images, save_tiny_flux, save_tiny_sd
 
 from raydraft.build import build_policy
 from raydraft.config import ConfigError, ModelConfig, load_config
@@ -68,3 +70,35 @@ def test_dtype_names():
     assert ModelConfig(dtype="fp16").dtype == "float16"
     with pytest.raises(ConfigError, match=r"model.dtype: Input should be 'float32', 'bfloat16'"):
         load_config("toy-flowgrpo", ["model.dtype=fp64"])
+
+
+@pytest.mark.parametrize("family", ["flux", "sd"])
+def test_a_single_file_denoiser_loads_with_the_rest_of_its_pipeline(family, tmp_path):
+    """A fine-tuned denoiser shipped as one .safetensors file (diffusers layout here: the
+    original layouts are diffusers' conversion) beside the base model's directory."""
+    save, denoiser = {"flux": (save_tiny_flux, "transformer"), "sd": (save_tiny_sd, "unet")}[family]
+    base_dir = save(tmp_path / "base")
+    tuned = getattr(DiffusionPipeline.from_pretrained(base_dir, local_files_only=True), denoiser)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    file = tmp_path / f"{family}-tuned.safetensors"
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, file)
+
+    cfg = ModelConfig(family=family, path=str(file), pipeline_path=str(base_dir))
+    loaded = build_policy(cfg)
+    # The LoRA wraps the file's weights: without the adapters' own tensors they are the file.
+    merged = {
+        k.replace(".base_layer", ""): v
+        for k, v in getattr(loaded.pipe, denoiser).state_dict().items()
+        if "lora_" not in k
+    }
+    assert merged.keys() == tuned.state_dict().keys()
+    assert all(torch.equal(merged[k], v) for k, v in tuned.state_dict().items())
+
+    with pytest.raises(ValueError, match=r"set model\.pipeline_path"):
+        ModelConfig(family=family, path=str(file))
+    with pytest.raises(ValueError, match=r"completes a single-file model\.path"):
+        ModelConfig(family=family, path=str(base_dir), pipeline_path=str(base_dir))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        build_policy(cfg.model_copy(update={"path": str(tmp_path / "gone.safetensors")}))

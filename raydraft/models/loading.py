@@ -21,35 +21,67 @@ FAMILY_OF_PIPELINE = {
 }
 
 
-def load_pipeline(pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, **kwargs):
+def load_pipeline(
+    pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, denoiser_name: str, **kwargs
+) -> DiffusionPipeline:
+    """The pipeline of model.path, or with a single-file model.path its denoiser from the
+    file (original or diffusers layout; diffusers converts) and the rest from
+    model.pipeline_path."""
     if not cfg.path:
         raise ValueError(
             f"model.path is required for family {cfg.family!r} (a diffusers directory)"
         )
-    index = Path(cfg.path) / "model_index.json"
+    directory = cfg.pipeline_path or cfg.path
+    _check_family(pipeline_class, cfg, directory)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.pipeline_path:
+        if not Path(cfg.path).is_file():
+            raise FileNotFoundError(f"model.path {cfg.path!r}: no such checkpoint file")
+        denoiser_class = pipeline_class._get_signature_types()[denoiser_name][0]
+        try:
+            kwargs[denoiser_name] = denoiser_class.from_single_file(
+                cfg.path,
+                config=directory,
+                subfolder=denoiser_name,
+                torch_dtype=dtype,
+                local_files_only=True,
+            )
+        except (OSError, ValueError) as err:
+            raise _not_loadable(cfg.path, denoiser_class, err, "model.path") from None
+    try:
+        return pipeline_class.from_pretrained(
+            directory, torch_dtype=dtype, local_files_only=True, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        key = "model.pipeline_path" if cfg.pipeline_path else "model.path"
+        raise _not_loadable(directory, pipeline_class, err, key) from None
+
+
+def _check_family(pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, directory: str):
+    index = Path(directory) / "model_index.json"
     if index.is_file():
         found = json.loads(index.read_text()).get("_class_name")
         family = FAMILY_OF_PIPELINE.get(found)
         if found != pipeline_class.__name__:
             hint = f": set model.family={family}" if family else ""
             raise ValueError(
-                f"model.path {cfg.path!r} holds a {found}, and model.family={cfg.family!r} "
+                f"model.path {directory!r} holds a {found}, and model.family={cfg.family!r} "
                 f"loads a {pipeline_class.__name__}{hint}"
             )
-    try:
-        return pipeline_class.from_pretrained(
-            cfg.path, torch_dtype=getattr(torch, cfg.dtype), local_files_only=True, **kwargs
-        )
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(
-            f"model.path {cfg.path!r}: cannot load a {pipeline_class.__name__} from it "
-            f"({reason}). The weights must be present locally (a diffusers directory or a "
-            f"hub id already in the cache): raydraft never downloads them. {_fetch_hint(cfg.path)}"
-        ) from None
+
+
+def _not_loadable(path: str, loaded: type, err: Exception, key: str) -> FileNotFoundError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return FileNotFoundError(
+        f"{key} {path!r}: cannot load a {loaded.__name__} from it ({reason}). The weights "
+        "must be present locally (a diffusers directory or a hub id already in the cache): "
+        f"raydraft never downloads them. {_fetch_hint(path)}"
+    )
 
 
 def _fetch_hint(path: str) -> str:
+    if Path(path).is_file():
+        return ""
     if Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
         return f"Fetch one into that directory with `hf download REPO_ID --local-dir {path}`."
     return (

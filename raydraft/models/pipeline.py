@@ -57,8 +57,9 @@ class PipelinePolicy(TrainableDelegate):
 
     @classmethod
     def from_pretrained(cls, model_cfg: ModelConfig, keep_reference: bool = False):
-        """Load a diffusers directory (or a hub id already in the local cache): never downloads."""
-        pipe = load_pipeline(cls.pipeline_class, model_cfg, **cls.load_kwargs)
+        """Load a diffusers directory, a hub id already in the local cache, or a single-file
+        denoiser with the rest of its pipeline (`models/loading.py`): never downloads."""
+        pipe = load_pipeline(cls.pipeline_class, model_cfg, cls.denoiser_name, **cls.load_kwargs)
         return cls(pipe, model_cfg, keep_reference)
 
     def text_encoders(self) -> list[torch.nn.Module]:
