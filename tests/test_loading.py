@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline
+from ldm_layout import sd_single_file
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_models import pipeline_images, save_tiny_flux, save_tiny_sd
+from tiny_models import build_tiny_sd_pipeline, pipeline_images, save_tiny_flux, save_tiny_sd
 
 from raydraft.build import build_policy
-from raydraft.config import ConfigError, ModelConfig, load_config
+from raydraft.config import ConfigError, LoraConfig, ModelConfig, SamplerConfig, load_config
 from raydraft.run_dir import image_grid
+from raydraft.sampling.loop import sample_images
+from raydraft.sampling.samplers import build_sampler
 
 PROMPTS = ["a red cat", "the blue dog"]
 
@@ -102,3 +105,29 @@ def test_a_single_file_denoiser_loads_with_the_rest_of_its_pipeline(family, tmp_
         ModelConfig(family=family, path=str(base_dir), pipeline_path=str(base_dir))
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         build_policy(cfg.model_copy(update={"path": str(tmp_path / "gone.safetensors")}))
+
+
+def test_a_whole_pipeline_single_file_loads_in_the_original_layout(tmp_path):
+    """An SD 1.x checkpoint as one file in the original (LDM) layout, UNet + VAE + text
+    encoder, e.g. a community fine-tune: every component comes from the file (here other
+    weights than the base directory's), the configs and tokenizer from model.pipeline_path."""
+    base_dir = save_tiny_sd(tmp_path / "base")
+    tuned = build_tiny_sd_pipeline(seed=1)
+    save_file(sd_single_file(tuned), tmp_path / "tuned.safetensors")
+    cfg = ModelConfig(
+        family="sd", path=str(tmp_path / "tuned.safetensors"), pipeline_path=str(base_dir)
+    )
+    policy = build_policy(cfg.model_copy(update={"lora": LoraConfig(enabled=False)}))
+    for name in ("unet", "vae", "text_encoder"):
+        loaded, expected = (
+            getattr(policy.pipe, name).state_dict(),
+            getattr(tuned, name).state_dict(),
+        )
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k].reshape(v.shape), v) for k, v in expected.items()), name
+
+    sampler = build_sampler(SamplerConfig(kind="ddim", noise_level=0.0, num_steps=3), policy)
+    images = sample_images(policy, sampler, PROMPTS, [3, 4], 7.5)
+    torch.testing.assert_close(
+        images, pipeline_images(tuned, PROMPTS, [3, 4], 3, 7.5), rtol=0, atol=1e-5
+    )

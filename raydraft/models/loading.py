@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, load_single_file_checkpoint
+from safetensors import safe_open
 
 from raydraft.config import ModelConfig
 from raydraft.models.trainable import TrainableDenoiser
@@ -24,9 +26,10 @@ FAMILY_OF_PIPELINE = {
 def load_pipeline(
     pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, denoiser_name: str, **kwargs
 ) -> DiffusionPipeline:
-    """The pipeline of model.path, or with a single-file model.path its denoiser from the
-    file (original or diffusers layout; diffusers converts) and the rest from
-    model.pipeline_path."""
+    """The pipeline of model.path; or, with a single-file model.path, the whole pipeline
+    from the file when it holds one (original layout, converted by diffusers), else its
+    denoiser from the file (original or diffusers layout) and the rest from
+    model.pipeline_path, which also gives every component's config."""
     if not cfg.path:
         raise ValueError(
             f"model.path is required for family {cfg.family!r} (a diffusers directory)"
@@ -37,6 +40,13 @@ def load_pipeline(
     if cfg.pipeline_path:
         if not Path(cfg.path).is_file():
             raise FileNotFoundError(f"model.path {cfg.path!r}: no such checkpoint file")
+        if _holds_a_vae(cfg.path):  # a whole pipeline in one file (SD 1.5, SDXL, SD3.5)
+            try:
+                return pipeline_class.from_single_file(
+                    cfg.path, config=directory, torch_dtype=dtype, local_files_only=True, **kwargs
+                )
+            except (OSError, ValueError) as err:
+                raise _not_loadable(cfg.path, pipeline_class, err, "model.path") from None
         denoiser_class = pipeline_class._get_signature_types()[denoiser_name][0]
         try:
             kwargs[denoiser_name] = denoiser_class.from_single_file(
@@ -55,6 +65,17 @@ def load_pipeline(
     except (OSError, ValueError) as err:
         key = "model.pipeline_path" if cfg.pipeline_path else "model.path"
         raise _not_loadable(directory, pipeline_class, err, key) from None
+
+
+def _holds_a_vae(path: str) -> bool:
+    """Whether a checkpoint file is a whole pipeline: its VAE is in it (under the original
+    layouts' prefixes); safetensors headers are read without loading the weights."""
+    if path.endswith((".safetensors", ".sft")):
+        with safe_open(path, "pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    else:
+        keys = list(load_single_file_checkpoint(path, local_files_only=True))
+    return any(key.startswith(tuple(LDM_VAE_KEYS)) for key in keys)
 
 
 def _check_family(pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, directory: str):
