@@ -192,3 +192,17 @@ def test_decode_is_differentiable_and_the_pipelines(dev_dir):
         raw = pipe.vae.decode(latents / config.scaling_factor + config.shift_factor).sample
         expected = pipe.image_processor.postprocess(raw, output_type="pt")
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+
+
+def test_bfloat16_runs_with_float32_samplers(dev_dir):
+    """bf16 weights and embeddings; the sampler's latents and log-probs stay float32."""
+    policy = make_policy(dev_dir, dtype="bf16")
+    assert policy.transformer.dtype == torch.bfloat16
+    cond = policy.encode(PROMPTS)
+    assert cond.embeds.dtype == cond.pooled.dtype == torch.bfloat16
+    x = torch.randn(2, *policy.latent_shape)
+    velocity = policy.predict(x, torch.tensor([0.9, 0.4]), cond, guidance=3.5)
+    assert velocity.dtype == torch.float32 and torch.isfinite(velocity).all()
+    sampler = build_sampler(SamplerConfig(kind="sde", noise_level=0.7, num_steps=3), policy)
+    step = sampler.step(velocity, x, 0, stochastic=True)
+    assert step.log_prob.dtype == torch.float32 and torch.isfinite(step.log_prob).all()
