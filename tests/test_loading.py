@@ -16,15 +16,19 @@ from diffusers import DiffusionPipeline, FluxPipeline
 from ldm_layout import sd_single_file
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_models import build_tiny_sd_pipeline, pipeline_images, save_tiny_flux, save_tiny_sd
+from tiny_models import (
+    PROMPTS,
+    build_tiny_sd_pipeline,
+    pipeline_images,
+    save_tiny_flux,
+    save_tiny_sd,
+)
 
 from raydraft.build import build_policy
 from raydraft.config import ConfigError, LoraConfig, ModelConfig, SamplerConfig, load_config
 from raydraft.run_dir import image_grid
 from raydraft.sampling.loop import sample_images
 from raydraft.sampling.samplers import build_sampler
-
-PROMPTS = ["a red cat", "the blue dog"]
 
 
 def put_in_hub_cache(model_dir, cache, repo_id: str) -> None:

@@ -7,10 +7,12 @@ fails here; the last test runs a whole sampling loop against `pipe(...)`.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from tiny_models import pipeline_images, save_tiny_sd3
+from tiny_models import PROMPTS, SEEDS, check_lora_export, pipeline_images, save_tiny_sd3
 
 from raydraft.config import LoraConfig, ModelConfig, SamplerConfig
 from raydraft.models.base import Policy
@@ -18,8 +20,6 @@ from raydraft.models.sd3 import DEFAULT_LORA_TARGETS, SD3Policy
 from raydraft.sampling.loop import sample_images
 from raydraft.sampling.samplers import build_sampler
 
-PROMPTS = ["a red cat", "the blue dog"]
-SEEDS = [3, 11]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -327,12 +327,4 @@ def test_ode_sampler_is_the_pipeline(model_dir, pipe, guidance):
 
 def test_exported_lora_loads_into_the_pipeline_and_changes_it_as_ours(model_dir, pipe, tmp_path):
     policy = make_policy(model_dir, rank=4, alpha=8.0)  # alpha != rank: the scale must survive
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    policy.export(tmp_path / "lora")
-    base = pipeline_images(pipe, PROMPTS, SEEDS, 4, 4.5)
-    pipe.load_lora_weights(tmp_path / "lora")
-    expected = pipeline_images(pipe, PROMPTS, SEEDS, 4, 4.5)
-    assert (expected - base).abs().max() > 1e-3  # the adapter does something
-    torch.testing.assert_close(ode_images(policy, 4, 4.5), expected, rtol=0, atol=1e-5)
+    check_lora_export(policy, pipe, tmp_path / "lora", partial(ode_images, policy), 4, 4.5)

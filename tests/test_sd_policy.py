@@ -8,12 +8,22 @@ seed convention fails.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
-from tiny_models import pipeline_images, save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
+from tiny_models import (
+    PROMPTS,
+    SEEDS,
+    check_lora_export,
+    pipeline_images,
+    save_tiny_sd,
+    save_tiny_sd3,
+    save_tiny_sdxl,
+)
 
 from raydraft.build import build_policy
 from raydraft.cli import main
@@ -24,8 +34,6 @@ from raydraft.models.sd3 import SD3Policy
 from raydraft.run_dir import image_grid
 from raydraft.sampling.samplers import DDIMSampler
 
-PROMPTS = ["a red cat", "the blue dog"]
-SEEDS = [3, 11]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -83,16 +91,8 @@ def test_ddim_loop_over_predict_is_the_pipeline(model_dir, guidance):
 
 def test_exported_lora_loads_into_the_pipeline_and_changes_it_as_ours(model_dir, tmp_path):
     policy = make_policy(model_dir, rank=4, alpha=8.0)  # alpha != rank: the scale must survive
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    policy.export(tmp_path / "lora")
     pipe = PIPELINES[model_dir[0]](model_dir[1])
-    base = pipeline_images(pipe, PROMPTS, SEEDS, 4, 7.5)
-    pipe.load_lora_weights(tmp_path / "lora")
-    expected = pipeline_images(pipe, PROMPTS, SEEDS, 4, 7.5)
-    assert (expected - base).abs().max() > 1e-3  # the adapter does something
-    torch.testing.assert_close(ddim_images(policy, 4, 7.5), expected, rtol=0, atol=1e-5)
+    check_lora_export(policy, pipe, tmp_path / "lora", partial(ddim_images, policy), 4, 7.5)
 
 
 def test_a_full_fine_tune_exports_a_diffusers_directory(model_dir, tmp_path):

@@ -301,6 +301,10 @@ def save_tiny_sdxl(dirpath: str | Path, prediction_type: str = "epsilon", seed: 
     return path
 
 
+PROMPTS = ["a red cat", "the blue dog"]  # what the parity tests draw
+SEEDS = [3, 11]
+
+
 def pipeline_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float):
     """What `pipe(...)` returns for 16x16 images, one generator per seed: the reference."""
     return pipe(
@@ -312,3 +316,17 @@ def pipeline_images(pipe, prompts: list[str], seeds: list[int], steps: int, guid
         height=16,
         width=16,
     ).images
+
+
+def check_lora_export(policy, pipe, out_dir: Path, our_images, steps: int, guidance: float):
+    """Train-like changes to the policy's LoRA, exported and loaded into `pipe` with
+    `load_lora_weights`: the pipeline's images change, and equal `our_images(steps, guidance)`."""
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    policy.export(out_dir)
+    base = pipeline_images(pipe, PROMPTS, SEEDS, steps, guidance)
+    pipe.load_lora_weights(out_dir)
+    expected = pipeline_images(pipe, PROMPTS, SEEDS, steps, guidance)
+    assert (expected - base).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(our_images(steps, guidance), expected, rtol=0, atol=1e-5)
