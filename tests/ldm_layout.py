@@ -40,7 +40,7 @@ def _rename(rest: str, names: dict[str, str]) -> str:
 
 
 def unet_to_ldm(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    fixed = {k: v for k, v in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
+    fixed = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
     with_attention = {
         int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions", k)
     }
