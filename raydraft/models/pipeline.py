@@ -56,7 +56,9 @@ class PipelinePolicy(TrainableDelegate):
             self.trainable.set_gradient_checkpointing(True)
 
     @classmethod
-    def from_pretrained(cls, model_cfg: ModelConfig, keep_reference: bool = False):
+    def from_pretrained(
+        cls, model_cfg: ModelConfig, keep_reference: bool = False
+    ) -> PipelinePolicy:
         """Load a diffusers directory, a hub id already in the local cache, or a single-file
         denoiser with the rest of its pipeline (`models/loading.py`): never downloads."""
         pipe = load_pipeline(cls.pipeline_class, model_cfg, cls.denoiser_name, **cls.load_kwargs)
