@@ -59,8 +59,9 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 class ModelConfig(Section):
     family: Literal["toy", "sd", "sdxl", "sd3", "flux"] = "toy"  # sd: SD 1.x / 2.x
     path: str | None = None  # diffusers directory or hub id; None = the shipped toy model
-    # With model.path a single-file denoiser checkpoint (flux1-dev.safetensors, a fine-tuned
-    # UNet or transformer): the diffusers directory or hub id holding the rest of the model.
+    # With model.path a single checkpoint file (a whole SD/SDXL pipeline, or a denoiser alone
+    # such as flux1-dev.safetensors): the diffusers directory or hub id giving the configs
+    # and whatever the file lacks.
     pipeline_path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # or fp32, bf16, fp16
     device: str = "cpu"

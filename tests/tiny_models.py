@@ -237,19 +237,7 @@ def build_tiny_sd_pipeline(
     tokenizer = clip_tokenizer()
     unet = _sd_unet(cross_attention_dim=16)
     vae = _vae(4, scaling_factor=0.18215)  # SD 1.x's
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=CLIP_MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = _clip(len(tokenizer), 16, tokenizer, CLIPTextModel)
     return StableDiffusionPipeline(
         unet=unet.eval(),
         scheduler=_sd_scheduler(prediction_type),

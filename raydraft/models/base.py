@@ -146,8 +146,9 @@ class Policy(Protocol):
     def train(self, mode: bool = True) -> None: ...
 
     def modules(self) -> list[torch.nn.Module]:
-        """Every module the policy holds, the frozen reference included: what moves when
-        colocated roles swap a device (`raydraft.offload`)."""
+        """Every module the policy keeps on its device, the frozen reference included (not
+        text encoders offloaded to host memory): what moves when colocated roles swap a
+        device (`raydraft.offload`)."""
         ...
 
 

@@ -42,20 +42,9 @@ class FluxPolicy(PipelinePolicy):
         self.transformer = self.denoiser
         self.max_sequence_length = model_cfg.max_sequence_length or 512  # the pipeline's default
         self.guidance_embeds = self.transformer.config.guidance_embeds
-        scale = pipe.vae_scale_factor
-        resolution = model_cfg.resolution or pipe.default_sample_size * scale
-        if resolution % (scale * 2):
-            raise ValueError(
-                f"resolution {resolution} must be divisible by {scale * 2} "
-                "(VAE scale factor × the 2×2 latent packing)"
-            )
-        side = resolution // scale
-        self._latent_shape = (self.transformer.config.in_channels // 4, side, side)
+        side = self.latent_side(pipe.default_sample_size, patch=2)  # the 2×2 packing
+        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)
         self._image_ids = pipe._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", self.dtype)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return self._latent_shape
 
     def flow_sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's schedule: sigmas 1 … 1/N, shifted by the scheduler (dev: mu from

@@ -85,8 +85,9 @@ def _check_family(pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, dir
         family = FAMILY_OF_PIPELINE.get(found)
         if found != pipeline_class.__name__:
             hint = f": set model.family={family}" if family else ""
+            key = "model.pipeline_path" if cfg.pipeline_path else "model.path"
             raise ValueError(
-                f"model.path {directory!r} holds a {found}, and model.family={cfg.family!r} "
+                f"{key} {directory!r} holds a {found}, and model.family={cfg.family!r} "
                 f"loads a {pipeline_class.__name__}{hint}"
             )
 

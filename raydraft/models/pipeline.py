@@ -28,6 +28,7 @@ class PipelinePolicy(TrainableDelegate):
     denoiser_name: ClassVar[str]  # the pipeline component that trains
     text_encoder_names: ClassVar[tuple[str, ...]]
     lora_targets: ClassVar[tuple[str, ...]]
+    latent_shape: tuple[int, ...]  # (C, H, W), set by the family from `latent_side`
 
     def __init__(
         self, pipe: DiffusionPipeline, model_cfg: ModelConfig, keep_reference: bool = False
@@ -63,6 +64,18 @@ class PipelinePolicy(TrainableDelegate):
         denoiser with the rest of its pipeline (`models/loading.py`): never downloads."""
         pipe = load_pipeline(cls.pipeline_class, model_cfg, cls.denoiser_name, **cls.load_kwargs)
         return cls(pipe, model_cfg, keep_reference)
+
+    def latent_side(self, native_latent_side: int, patch: int = 1) -> int:
+        """The latent side for model.resolution (pixels; None: the model's native size),
+        which must split into whole VAE cells and whole `patch`-sized denoiser tokens."""
+        scale = self.pipe.vae_scale_factor
+        resolution = self.cfg.resolution or native_latent_side * scale
+        if resolution % (scale * patch):
+            raise ValueError(
+                f"resolution {resolution} must be divisible by {scale * patch} "
+                f"(VAE scale factor {scale} × patch {patch})"
+            )
+        return resolution // scale
 
     def text_encoders(self) -> list[torch.nn.Module]:
         encoders = (getattr(self.pipe, name, None) for name in self.text_encoder_names)

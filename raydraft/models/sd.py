@@ -46,16 +46,8 @@ class SDPolicy(PipelinePolicy):
             )
         super().__init__(pipe, model_cfg, keep_reference)
         self.unet = self.denoiser
-        scale = pipe.vae_scale_factor
-        resolution = model_cfg.resolution or self.unet.config.sample_size * scale
-        if resolution % scale:
-            raise ValueError(f"resolution {resolution} must be divisible by {scale}")
-        side = resolution // scale
-        self._latent_shape = (self.unet.config.in_channels, side, side)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return self._latent_shape
+        side = self.latent_side(self.unet.config.sample_size)
+        self.latent_shape = (self.unet.config.in_channels, side, side)
 
     def _negatives(self, n: int, negative_prompts: Sequence[str] | None) -> list[str] | None:
         """None when no negative prompt is set: the pipeline's own rule then applies (SDXL

@@ -44,19 +44,9 @@ class SD3Policy(PipelinePolicy):
         super().__init__(pipe, model_cfg, keep_reference)
         self.transformer = self.denoiser
         self.max_sequence_length = model_cfg.max_sequence_length or 256  # the pipeline's default
-        scale = pipe.vae_scale_factor
         config = self.transformer.config
-        resolution = model_cfg.resolution or config.sample_size * scale
-        if resolution % (scale * config.patch_size):
-            raise ValueError(
-                f"resolution {resolution} must be divisible by {scale * config.patch_size} "
-                "(VAE scale factor × transformer patch size)"
-            )
-        self._latent_shape = (config.in_channels, resolution // scale, resolution // scale)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return self._latent_shape
+        side = self.latent_side(config.sample_size, config.patch_size)
+        self.latent_shape = (config.in_channels, side, side)
 
     def flow_sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's schedule: its scheduler's shift (3.0 for SD3), or a dynamic one."""
