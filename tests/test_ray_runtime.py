@@ -17,7 +17,7 @@ from actors.engine import RayEngine
 from actors.learner import LearnerGroup
 from actors.reward_serving import deploy_rewards
 from raydraft.config import load_config
-from raydraft.data.prompts import load_prompts
+from raydraft.data.shapes import split_specs
 from raydraft.rollout import generate
 from raydraft.trainer import LocalEngine, Trainer
 
@@ -294,7 +294,7 @@ def test_roles_the_cluster_cannot_place_fail_with_the_shortfall_named():
 def test_after_a_learner_dies_resume_equals_the_uninterrupted_run(tmp_path, resume_step):
     """Four prompts, two per step: step 2 ends an epoch exactly."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(load_prompts("shapes-train")[:4]))
+    prompts.write_text("\n".join(s.text for s in split_specs("train")[:4]))
     cfg = config(f"data.prompts={prompts}", "checkpoint.every=1", "checkpoint.keep=5")
 
     def run(name):

@@ -1,9 +1,12 @@
 """The shapes world and its rule-based checker (`toy-geneval`)."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 
+from raydraft.data.prompts import load_prompts
 from raydraft.data.shapes import (
     CATEGORIES,
     all_specs,
@@ -48,6 +51,15 @@ def test_eval_combinations_never_appear_in_training():
     # every shape and colour still appears in training
     words = {w for t in train for w in t.split()}
     assert {"red", "green", "blue", "yellow", "circle", "square", "triangle"} <= words
+
+
+def test_the_training_prompt_set_weighs_every_category_about_equally():
+    """RL epochs see categories as pretraining and the evaluation weigh them, not 19:1."""
+    prompts = load_prompts("shapes-train")
+    share = Counter(spec_for_prompt(p).category for p in prompts)
+    assert set(share) == set(CATEGORIES)
+    assert max(share.values()) / min(share.values()) < 1.2
+    assert set(prompts) == {s.text for s in split_specs("train")}
 
 
 def test_checker_is_right_on_rendered_truth_for_every_prompt():

@@ -8,14 +8,14 @@ import numpy as np
 import torch
 
 from raydraft.algorithms.common import PromptBatch
-from raydraft.data.shapes import split_specs
+from raydraft.data.shapes import category_balanced, split_specs
 
 COLORS = ("red", "green", "blue", "yellow", "white", "purple")
 THINGS = ("circle", "square", "triangle", "blob", "image", "picture")
 
 PROMPT_SETS = {
     "toy-colors": [f"a {c} {t}" for c in COLORS for t in THINGS],
-    "shapes-train": [s.text for s in split_specs("train")],
+    "shapes-train": [s.text for s in category_balanced(split_specs("train"))],
     "shapes-eval": [s.text for s in split_specs("eval")],
 }
 

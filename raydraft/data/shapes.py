@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,17 @@ def split_specs(split: str) -> list[PromptSpec]:
     if split == "train":
         return [s for s in specs if not is_held_out(s)]
     return [s for s in specs if is_held_out(s) or s.category in ("single", "two")]
+
+
+def category_balanced(specs: list[PromptSpec]) -> list[PromptSpec]:
+    """Each spec repeated so that every category carries about the same weight.
+
+    The train split has 57 binding prompts and 3 single ones; pretraining draws categories
+    uniformly and the evaluation weighs them equally, so RL epochs should too.
+    """
+    counts = Counter(s.category for s in specs)
+    most = max(counts.values())
+    return [s for s in specs for _ in range(round(most / counts[s.category]))]
 
 
 def spec_for_prompt(text: str) -> PromptSpec:
