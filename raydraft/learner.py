@@ -90,9 +90,12 @@ class Learner:
             if self.ema is not None:
                 self.ema.update()
         policy.version += 1
+        # No updates when every group's rewards tie (the same plan on every rank): the
+        # weights stay, the version still advances, and the metrics say nothing trained.
         micros = sum(len(micro_batches) for micro_batches in updates)
-        metrics = {key: value / micros for key, value in self._sum_across_ranks(weighted).items()}
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        sums = self._sum_across_ranks(weighted) if micros else {}
+        metrics = {key: value / micros for key, value in sums.items()}
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
         return (
             metrics
             | plan_stats

@@ -1,6 +1,7 @@
 """The single-process trainer: end-to-end steps, exact resume, the run directory contract."""
 
 import json
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +12,7 @@ from raydraft.build import build_policy
 from raydraft.cli import main
 from raydraft.config import ConfigError, load_config
 from raydraft.data.shapes import CATEGORIES
+from raydraft.rollout import generate
 from raydraft.trainer import Trainer, load_for_inference
 
 GRPO = ["algorithm.group_size=4", *SMALL]
@@ -65,6 +67,23 @@ def test_flow_grpo_fast_trains_only_inside_the_sde_window(tmp_path):
         rollout, torch.rand(8), torch.ones(8, dtype=torch.bool), 4, 1, generator
     )
     assert {micro.step for step in updates for micro in step} == {window}
+
+
+def test_an_iteration_whose_groups_all_tie_trains_nothing(tmp_path):
+    """Equal rewards in every group carry no signal: no step, the weights stay, and the
+    version still advances (an easy prompt set makes this common, not a corner case)."""
+    t = trainer(tmp_path, "run", GRPO)
+    engine = t.engine
+    batch = engine.prompts.next_batch()
+    result = generate(engine.algorithm, t.policy, engine.reward, batch, 0, True)
+    result = replace(result, rewards=torch.full_like(result.rewards, 0.5))
+    before = t.policy.trainable_state()
+    metrics = engine.learner.update(result)
+    assert metrics["optimizer_steps"] == 0 and metrics["samples_trained"] == 0
+    assert metrics["zero_std_fraction"] == 1.0 and metrics["grad_norm"] == 0.0
+    assert metrics["policy_version"] == 1
+    for name, value in t.policy.trainable_state().items():
+        assert torch.equal(value, before[name])
 
 
 def test_first_grpo_minibatch_is_exactly_on_policy(tmp_path):

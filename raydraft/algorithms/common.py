@@ -54,7 +54,10 @@ def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generat
 def split_minibatches(
     num_samples: int, minibatch_size: int, generator: torch.Generator | None
 ) -> list[torch.Tensor]:
-    """Index sets of at most `minibatch_size`, shuffled when a generator is given."""
+    """Index sets of at most `minibatch_size`, shuffled when a generator is given; none for
+    no samples (torch would give one empty set)."""
+    if num_samples == 0:
+        return []
     order = (
         torch.randperm(num_samples, generator=generator)
         if generator is not None
