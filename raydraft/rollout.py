@@ -17,7 +17,7 @@ from raydraft.algorithms.common import ROLLOUT_STREAM, PromptBatch, iteration_ge
 from raydraft.algorithms.draft import DRaFT, DraftBatch
 from raydraft.algorithms.flow_grpo import FlowGRPO, GRPORollout
 from raydraft.models.base import Policy
-from raydraft.rewards.base import Reward, score_or_drop
+from raydraft.rewards.base import Reward, component_scores, score_or_drop
 
 
 @dataclass
@@ -30,6 +30,7 @@ class RolloutResult:
     records: list[dict[str, Any]]  # one row per sample for the rollout log
     rewards: torch.Tensor | None = None  # (B,), Flow-GRPO only
     valid: torch.Tensor | None = None  # (B,) bool: False where a bad reward was dropped
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) scores
     seconds: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -43,6 +44,9 @@ class RolloutResult:
         return {
             "reward_mean": float(kept.mean()) if kept.numel() else math.nan,
             "reward_std": float(kept.std()) if kept.numel() > 1 else 0.0,
+        } | {
+            f"reward_mean/{name}": float(scores[self.valid].mean()) if kept.numel() else math.nan
+            for name, scores in self.components.items()
         }
 
     @classmethod
@@ -59,6 +63,7 @@ class RolloutResult:
             records=[r for p in parts for r in p.records],
             rewards=torch.cat([p.rewards for p in parts]) if scored else None,
             valid=torch.cat([p.valid for p in parts]) if scored else None,
+            components={k: torch.cat([p.components[k] for p in parts]) for k in first.components},
             seconds={k: max(p.seconds.get(k, 0.0) for p in parts) for k in first.seconds},
         )
 
@@ -79,6 +84,7 @@ def generate(
     rollout = algorithm.rollout(policy, batch, generator)
     seconds = {"rollout": time.perf_counter() - start}
     rewards = valid = None
+    components: dict[str, torch.Tensor] = {}
     if algorithm.scores_rollouts:
         if reward is None:
             raise ValueError(f"{type(algorithm).__name__} needs a reward to score its rollouts")
@@ -87,6 +93,7 @@ def generate(
         rewards, valid = score_or_drop(
             reward, traj.images, traj.prompts, batch.metadata, drop_bad_rewards
         )
+        components = component_scores(reward)
         seconds["reward"] = time.perf_counter() - start
     records = [
         {
@@ -97,6 +104,9 @@ def generate(
             "policy_version": policy.version,
             "reward": None if rewards is None or not valid[i] else float(rewards[i]),
         }
+        | {f"reward/{name}": float(scores[i]) for name, scores in components.items()}
         for i in range(len(batch))
     ]
-    return RolloutResult(batch.iteration, policy.version, rollout, records, rewards, valid, seconds)
+    return RolloutResult(
+        batch.iteration, policy.version, rollout, records, rewards, valid, components, seconds
+    )

@@ -21,7 +21,7 @@ import torch
 from raydraft.algorithms.common import PromptBatch, group, split_minibatches
 from raydraft.config import DraftConfig
 from raydraft.models.base import Conditioning, Policy
-from raydraft.rewards.base import Reward, score_or_drop
+from raydraft.rewards.base import Reward, component_scores, score_or_drop
 from raydraft.sampling.loop import StepNoise, denoise, predict
 from raydraft.sampling.samplers import Sampler
 
@@ -167,6 +167,9 @@ class DRaFT:
             if batch.mode == "chain"
             else 1.0,
             "bad_reward_dropped": float((~valid).sum()),
+        } | {
+            f"reward_mean/{name}": float(scores[valid].mean())
+            for name, scores in component_scores(self.reward).items()
         }
         return -kept.mean(), stats
 

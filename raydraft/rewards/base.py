@@ -70,6 +70,13 @@ def score_or_drop(
     return torch.where(valid, scores, torch.zeros_like(scores)).float(), valid
 
 
+def component_scores(reward: Reward) -> dict[str, torch.Tensor]:
+    """The last batch's scores per component of a composite of two or more rewards, so a
+    weighted sum can be read apart in the logs; {} for a single reward."""
+    components = getattr(reward, "last_components", {})
+    return components if len(components) > 1 else {}
+
+
 def checked_score(
     reward: Reward,
     images: torch.Tensor,
