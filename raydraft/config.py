@@ -179,6 +179,9 @@ class FlowGRPOConfig(Section):
     global_std: bool = False
     timestep_fraction: UnitInterval = 0.99
     num_inner_epochs: PositiveInt = 1
+    # A group starts from one initial noise and differs only by its SDE noise (flow_grpo's
+    # same_latent): with an SDE window, the group then branches where the window starts.
+    same_initial_noise: bool = False
 
 
 AlgorithmConfig = Annotated[DraftConfig | FlowGRPOConfig, Field(discriminator="name")]
