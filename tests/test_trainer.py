@@ -12,6 +12,7 @@ from raydraft.build import build_policy
 from raydraft.cli import main
 from raydraft.config import ConfigError, load_config
 from raydraft.data.shapes import CATEGORIES
+from raydraft.rewards.registry import make_reward
 from raydraft.rollout import generate
 from raydraft.trainer import Trainer, load_for_inference
 
@@ -84,6 +85,43 @@ def test_an_iteration_whose_groups_all_tie_trains_nothing(tmp_path):
     assert metrics["policy_version"] == 1
     for name, value in t.policy.trainable_state().items():
         assert torch.equal(value, before[name])
+
+
+def test_a_weighted_sum_of_rewards_logs_each_component(tmp_path):
+    mix = "rewards.components=[{name: toy-geneval}, {name: toy-clipscore, weight: 0.5}]"
+    t = trainer(tmp_path, "run", [*GRPO, mix])
+    batch = t.engine.prompts.next_batch()
+    result = generate(t.engine.algorithm, t.policy, t.engine.reward, batch, 0, True)
+    for record, total in zip(result.records, result.rewards.tolist(), strict=True):
+        parts = record["reward/toy-geneval"] + 0.5 * record["reward/toy-clipscore"]
+        assert parts == pytest.approx(total, abs=1e-6)
+    stats = result.reward_stats()
+    checker = [r["reward/toy-geneval"] for r in result.records]
+    assert stats["reward_mean/toy-geneval"] == pytest.approx(sum(checker) / len(checker))
+    assert "reward_mean/toy-clipscore" in stats
+    alone = generate(t.engine.algorithm, t.policy, make_reward("toy-geneval"), batch, 0, True)
+    assert "reward/toy-geneval" not in alone.records[0] and len(alone.reward_stats()) == 2
+
+
+def test_a_group_with_same_initial_noise_differs_only_by_its_sde_noise(tmp_path):
+    t = trainer(tmp_path, "run", [*GRPO, "algorithm.same_initial_noise=true"])
+    batch = t.engine.prompts.next_batch()
+    whole = generate(
+        t.engine.algorithm, t.policy, t.engine.reward, batch, 0, True
+    ).rollout.trajectory
+    ids = batch.prompt_ids.tolist()
+    assert len(set(ids)) == 2
+    start, end = whole.latents[:, 0], whole.latents[:, -1]
+    for i in range(len(ids)):
+        for j in range(i):
+            assert torch.equal(start[i], start[j]) == (ids[i] == ids[j])
+            assert not torch.equal(end[i], end[j])
+    parts = [
+        generate(t.engine.algorithm, t.policy, t.engine.reward, p, 0, True) for p in batch.split(2)
+    ]
+    torch.testing.assert_close(
+        torch.cat([p.rollout.trajectory.latents for p in parts]), whole.latents
+    )
 
 
 def test_first_grpo_minibatch_is_exactly_on_policy(tmp_path):
