@@ -34,14 +34,23 @@ class PromptBatch:
             iteration=self.iteration,
         )
 
-    def split(self, parts: int) -> list[PromptBatch]:
-        """At most `parts` batches of whole groups (runs of one prompt id), in order."""
+    def groups(self) -> list[torch.Tensor]:
+        """Row indices of each group (a run of one prompt id), in order."""
         ids = self.prompt_ids
         starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
         bounds = [*starts, len(ids)]
-        runs = [torch.arange(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+        return [torch.arange(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+
+    def split(self, parts: int) -> list[PromptBatch]:
+        """At most `parts` batches of whole groups, in order."""
+        runs = self.groups()
         chunks = np.array_split(np.arange(len(runs)), min(parts, len(runs)))
         return [self.select(torch.cat([runs[i] for i in chunk])) for chunk in chunks]
+
+    def group_first_seeds(self) -> list[int]:
+        """Each row's seed replaced by its group's first: one initial noise per group, the
+        same wherever the batch is split (only ever between groups)."""
+        return [int(self.seeds[run[0]]) for run in self.groups() for _ in run]
 
 
 def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:

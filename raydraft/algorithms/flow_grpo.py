@@ -75,15 +75,6 @@ def sde_window_mask(cfg: SamplerConfig, num_steps: int, generator: torch.Generat
     return mask
 
 
-def group_first_seeds(prompt_ids: torch.Tensor, seeds: torch.Tensor) -> list[int]:
-    """Each row's seed replaced by its group's first (groups are runs of one prompt id, and
-    a batch is only ever split between runs)."""
-    first = torch.ones(len(prompt_ids), dtype=torch.bool)
-    first[1:] = prompt_ids[1:] != prompt_ids[:-1]
-    run_start = torch.cummax(torch.where(first, torch.arange(len(seeds)), 0), dim=0).values
-    return seeds[run_start].tolist()
-
-
 @dataclass
 class GRPOBatch:
     """One minibatch at one recorded step: everything the ratio and KL need."""
@@ -147,12 +138,9 @@ class FlowGRPO:
         sde_mask = sde_window_mask(self.sampler_cfg, self.sampler.num_steps, generator)
         cond = policy.encode(batch.prompts)
         seeds = batch.seeds.tolist()
-        noise_seeds = (
-            group_first_seeds(batch.prompt_ids, batch.seeds)
-            if self.cfg.same_initial_noise
-            else seeds
+        x = policy.initial_noise(
+            batch.group_first_seeds() if self.cfg.same_initial_noise else seeds
         )
-        x = policy.initial_noise(noise_seeds)
         result = denoise(
             policy, cond, x, self.sampler, range(self.sampler.num_steps), self.guidance,
             noise=StepNoise(seeds, SDE_NOISE_STREAM), sde_mask=sde_mask, record=True,
