@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 
+from raydraft.algorithms.diffusion_nft import DiffusionNFT
 from raydraft.algorithms.draft import DRaFT
 from raydraft.algorithms.flow_grpo import FlowGRPO
-from raydraft.config import DraftConfig, ExperimentConfig, ModelConfig
+from raydraft.config import DiffusionNFTConfig, DraftConfig, ExperimentConfig, ModelConfig
 from raydraft.models.base import Policy
 from raydraft.rewards.base import Reward
 from raydraft.sampling.samplers import Sampler, build_sampler
@@ -29,7 +30,7 @@ def build_policy(cfg: ModelConfig, keep_reference: bool = False) -> Policy:
 
 
 def needs_reference(cfg: ExperimentConfig) -> bool:
-    """Whether the algorithm evaluates the frozen base model (Flow-GRPO's KL term)."""
+    """Whether the algorithm evaluates the frozen base model (a KL term to it)."""
     return not isinstance(cfg.algorithm, DraftConfig) and cfg.algorithm.kl_beta > 0
 
 
@@ -38,7 +39,7 @@ def build_algorithm(
     policy: Policy,
     reward: Reward | None,
     sampler: Sampler | None = None,
-) -> DRaFT | FlowGRPO:
+) -> DRaFT | FlowGRPO | DiffusionNFT:
     sampler = sampler or build_sampler(cfg.sampler, policy)
     guidance = cfg.sampler.guidance_scale
     if isinstance(cfg.algorithm, DraftConfig):
@@ -50,4 +51,6 @@ def build_algorithm(
             checkpoint=cfg.algorithm.checkpoint_each_step,
             drop_bad_rewards=cfg.rewards.on_bad_reward == "drop",
         )
+    if isinstance(cfg.algorithm, DiffusionNFTConfig):
+        return DiffusionNFT(cfg.algorithm, sampler, guidance)
     return FlowGRPO(cfg.algorithm, sampler, cfg.sampler, guidance)

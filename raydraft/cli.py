@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raydraft.config import ConfigError, ExperimentConfig, load_config
+from raydraft.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
 
 if TYPE_CHECKING:
     from raydraft.trainer import Engine
@@ -179,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train (no config: the embedded default)")
-    p.add_argument("--config", help="YAML file or shipped config name (default: toy-flowgrpo)")
+    p.add_argument("--config", help=f"YAML file or shipped config name (default: {DEFAULT_CONFIG})")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4")
     p.add_argument("--max-steps", type=int, help="iterations to train to")
     p.add_argument("--run-dir", help="run directory (default: runs/<name>)")
@@ -190,14 +190,14 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="GenEval-style accuracy on held-out shapes prompts")
     p.add_argument("--run-dir", help="evaluate this run's newest checkpoint against the base")
-    p.add_argument("--config", help="config of the model to evaluate (default: toy-flowgrpo)")
+    p.add_argument("--config", help=f"config of the model to evaluate (default: {DEFAULT_CONFIG})")
     p.add_argument("--per-category", type=int, help="held-out samples per category (default 48)")
     p.add_argument("--out", help="also write the JSON report here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.eval_num_steps=20")
     p.set_defaults(func=evaluate)
 
     p = commands.add_parser("sample", help="images for prompts (any model family) as a PNG")
-    p.add_argument("--config", help="config of the model (default: toy-flowgrpo)")
+    p.add_argument("--config", help=f"config of the model (default: {DEFAULT_CONFIG})")
     p.add_argument("--run-dir", help="sample with this run's newest checkpoint (EMA if kept)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a grid")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 each)")

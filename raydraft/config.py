@@ -184,7 +184,25 @@ class FlowGRPOConfig(Section):
     same_initial_noise: bool = False
 
 
-AlgorithmConfig = Annotated[DraftConfig | FlowGRPOConfig, Field(discriminator="name")]
+class DiffusionNFTConfig(Section):
+    """DiffusionNFT: reward-weighted flow matching on the rollouts' final images, contrasting
+    an implicit positive and negative policy around the one that sampled them."""
+
+    name: Literal["diffusion_nft"]
+    group_size: Annotated[int, Field(ge=2)] = 8
+    # β: how far the implicit positive/negative policies sit from the sampling policy
+    # (the step size of the improvement; the paper's GenEval runs use 1).
+    beta: PositiveFloat = 1.0
+    adv_clip_max: PositiveFloat = 5.0  # advantages clipped to ±this, then mapped to [0, 1]
+    kl_beta: NonNegativeFloat = 0.0  # weight of ‖v_θ - v_ref‖² to the frozen base
+    global_std: bool = False
+    timestep_fraction: UnitInterval = 0.5  # of the sampler's times, drawn per sample
+    num_inner_epochs: PositiveInt = 1
+
+
+AlgorithmConfig = Annotated[
+    DraftConfig | FlowGRPOConfig | DiffusionNFTConfig, Field(discriminator="name")
+]
 
 
 class RewardSpec(Section):
@@ -206,6 +224,9 @@ class DataConfig(Section):
 
 class LearnerConfig(Section):
     lr: PositiveFloat = 3e-4
+    # cosine: lr · ½(1 + cos(π · iteration / max_steps)), set per iteration from its number
+    # alone (nothing to checkpoint), reaching 0 at max_steps.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: NonNegativeFloat = 1e-4
     betas: tuple[UnitInterval, UnitInterval] = (0.9, 0.999)
     max_grad_norm: PositiveFloat | None = 1.0
@@ -358,12 +379,13 @@ class ExperimentConfig(Section):
                     f"algorithm.refl_stop_range={algo.refl_stop_range}: step indices run "
                     f"0..{steps - 1} (sampler.num_steps={steps})"
                 )
-        else:
-            if self.sampler.kind == "ode" or self.sampler.noise_level == 0:
-                raise ValueError(
-                    "flow_grpo needs a stochastic sampler: sampler.kind sde/cps/ddim "
-                    "with sampler.noise_level > 0"
-                )
+        elif isinstance(algo, FlowGRPOConfig) and (
+            self.sampler.kind == "ode" or self.sampler.noise_level == 0
+        ):
+            raise ValueError(
+                "flow_grpo needs a stochastic sampler: sampler.kind sde/cps/ddim "
+                "with sampler.noise_level > 0"
+            )
         return self
 
     def to_yaml(self) -> str:
@@ -436,7 +458,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _error_path(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     # Pydantic puts the discriminator tag into the location of a union member's errors.
-    if len(parts) > 1 and parts[0] == "algorithm" and parts[1] in ("draft", "flow_grpo"):
+    if (
+        len(parts) > 1
+        and parts[0] == "algorithm"
+        and parts[1] in ("draft", "flow_grpo", "diffusion_nft")
+    ):
         del parts[1]
     return ".".join(parts) or "<config>"
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from raydraft.algorithms.common import UPDATE_STREAM, iteration_generator
+from raydraft.algorithms.diffusion_nft import DiffusionNFT
 from raydraft.algorithms.draft import DRaFT
 from raydraft.algorithms.flow_grpo import FlowGRPO
 from raydraft.config import ExperimentConfig
@@ -30,12 +31,20 @@ from raydraft.rollout import RolloutResult
 from raydraft.sharding import gather, scatter_like, scatter_optimizer_state
 
 
+def scheduled_lr(cfg: ExperimentConfig, iteration: int) -> float:
+    """The learning rate of an iteration under `learner.lr_schedule`."""
+    if cfg.learner.lr_schedule == "constant":
+        return cfg.learner.lr
+    progress = min(iteration / cfg.max_steps, 1.0)
+    return cfg.learner.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class Learner:
     def __init__(
         self,
         cfg: ExperimentConfig,
         policy: Policy,
-        algorithm: DRaFT | FlowGRPO,
+        algorithm: DRaFT | FlowGRPO | DiffusionNFT,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -68,6 +77,9 @@ class Learner:
             updates, plan_stats = algorithm.plan_updates(
                 result.rollout, cfg.learner.minibatch_size, cfg.learner.grad_accum_steps
             )
+        lr = scheduled_lr(cfg, result.iteration)
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
         policy.train(True)
         weighted: dict[str, float] = defaultdict(float)  # sum over micro-batches of share * stat
         grad_norms = []
@@ -101,6 +113,7 @@ class Learner:
             | plan_stats
             | {
                 "optimizer_steps": len(updates),
+                "lr": lr,
                 "policy_version": policy.version,
                 "time_update_s": time.perf_counter() - start,
                 "staleness": policy.version - 1 - result.policy_version,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from raydraft.algorithms.common import ROLLOUT_STREAM, PromptBatch, iteration_generator
+from raydraft.algorithms.diffusion_nft import DiffusionNFT, NFTRollout
 from raydraft.algorithms.draft import DRaFT, DraftBatch
 from raydraft.algorithms.flow_grpo import FlowGRPO, GRPORollout
 from raydraft.models.base import Policy
@@ -26,9 +27,9 @@ class RolloutResult:
 
     iteration: int
     policy_version: int
-    rollout: GRPORollout | DraftBatch
+    rollout: GRPORollout | NFTRollout | DraftBatch
     records: list[dict[str, Any]]  # one row per sample for the rollout log
-    rewards: torch.Tensor | None = None  # (B,), Flow-GRPO only
+    rewards: torch.Tensor | None = None  # (B,), black-box rewards only
     valid: torch.Tensor | None = None  # (B,) bool: False where a bad reward was dropped
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) scores
     seconds: dict[str, float] = field(default_factory=dict)
@@ -69,7 +70,7 @@ class RolloutResult:
 
 
 def generate(
-    algorithm: DRaFT | FlowGRPO,
+    algorithm: DRaFT | FlowGRPO | DiffusionNFT,
     policy: Policy,
     reward: Reward | None,
     batch: PromptBatch,
@@ -89,9 +90,8 @@ def generate(
         if reward is None:
             raise ValueError(f"{type(algorithm).__name__} needs a reward to score its rollouts")
         start = time.perf_counter()
-        traj = rollout.trajectory
         rewards, valid = score_or_drop(
-            reward, traj.images, traj.prompts, batch.metadata, drop_bad_rewards
+            reward, rollout.images, rollout.prompts, batch.metadata, drop_bad_rewards
         )
         components = component_scores(reward)
         seconds["reward"] = time.perf_counter() - start

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raydraft.algorithms.common import PromptBatch
 from raydraft.models.base import Conditioning, initial_noise
 
 
@@ -128,6 +129,17 @@ class QuadraticReward:
             images = images.detach()
         diff = images.flatten(1) - self.target.to(images.dtype)
         return -self.scale * (diff**2).sum(1)
+
+
+def grouped_batch(groups: int, size: int, first_seed: int) -> PromptBatch:
+    """`groups` prompts of `size` samples each, seeds counting up from `first_seed`."""
+    n = groups * size
+    return PromptBatch(
+        prompts=[f"prompt {g}" for g in range(groups) for _ in range(size)],
+        prompt_ids=torch.arange(groups).repeat_interleave(size),
+        seeds=torch.arange(first_seed, first_seed + n),
+        metadata=[{} for _ in range(n)],
+    )
 
 
 def random_weights(steps: int, dim: int, scale: float, seed: int) -> torch.Tensor:

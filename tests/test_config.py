@@ -42,6 +42,12 @@ def test_flow_grpo_needs_a_stochastic_sampler():
     assert "stochastic sampler" in error_of(["sampler.noise_level=0"])
 
 
+def test_diffusion_nft_takes_the_ode_sampler_and_names_its_keys():
+    assert load_config("toy-nft").sampler.kind == "ode"
+    assert "\n  algorithm.beta" in error_of(["algorithm.beta=0"], "toy-nft")
+    assert "\n  algorithm.clip_range" in error_of(["algorithm.clip_range=0.1"], "toy-nft")
+
+
 def test_ray_roles_that_cannot_work_together_are_rejected():
     colocated = "ray.placement=colocated"
     assert "must equal ray.learners=1" in error_of([colocated, "ray.rollout_workers=2"])

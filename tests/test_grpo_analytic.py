@@ -12,10 +12,9 @@ import math
 
 import pytest
 import torch
-from analytic_policies import LinearPolicy, QuadraticReward, random_weights
+from analytic_policies import LinearPolicy, QuadraticReward, grouped_batch, random_weights
 from torch.testing import assert_close
 
-from raydraft.algorithms.common import PromptBatch
 from raydraft.algorithms.flow_grpo import (
     FlowGRPO,
     clipped_surrogate,
@@ -40,16 +39,6 @@ def make_setup(theta=None, weight_scale: float = 0.3, **cfg):
     # r = -(x0 - c)², a black box: scores come without gradients.
     reward = QuadraticReward(TARGET, scale=1.0, differentiable=False)
     return policy, sampler, algo, reward
-
-
-def grouped_batch(groups: int, size: int, first_seed: int) -> PromptBatch:
-    n = groups * size
-    return PromptBatch(
-        prompts=[f"prompt {g}" for g in range(groups) for _ in range(size)],
-        prompt_ids=torch.arange(groups).repeat_interleave(size),
-        seeds=torch.arange(first_seed, first_seed + n),
-        metadata=[{} for _ in range(n)],
-    )
 
 
 def sde_coeffs(sampler: FlowSampler, j: int) -> tuple[float, float, float, float]:

@@ -46,20 +46,36 @@ FSDP = [*COLLECTIVE, *SHARDED, "ray.learners=2"]
 
 
 def config(*overrides, name="toy-flowgrpo"):
-    groups = ["algorithm.group_size=4"] if name == "toy-flowgrpo" else []
+    groups = ["algorithm.group_size=4"] if name in ("toy-flowgrpo", "toy-nft") else []
     return load_config(name, [*RAY_SMALL, *groups, *overrides])
 
 
 @pytest.mark.parametrize(
-    "transport",
-    [[], COLLECTIVE, FSDP, ["ray.placement=colocated", "ray.rollout_workers=1"]],
-    ids=["object-store-lora", "collective-full", "fsdp-2-learners", "colocated-swapping"],
+    ("name", "transport"),
+    [
+        ("toy-flowgrpo", []),
+        ("toy-flowgrpo", COLLECTIVE),
+        ("toy-flowgrpo", FSDP),
+        ("toy-flowgrpo", ["ray.placement=colocated", "ray.rollout_workers=1"]),
+        ("toy-nft", []),
+    ],
+    ids=[
+        "object-store-lora",
+        "collective-full",
+        "fsdp-2-learners",
+        "colocated-swapping",
+        "diffusion-nft",
+    ],
 )
-def test_sync_mode_equals_the_single_process_trainer(tmp_path, transport):
+def test_sync_mode_equals_the_single_process_trainer(tmp_path, name, transport):
     torch.set_num_threads(1)  # the actors run one thread each: same kernels, same sums
     # Live weights on both sides: an EMA would shrink the differences this test looks for.
     cfg = config(
-        "algorithm.kl_beta=0.1", "ray.rollout_workers=2", "learner.ema_decay=null", *transport
+        "algorithm.kl_beta=0.1",
+        "ray.rollout_workers=2",
+        "learner.ema_decay=null",
+        *transport,
+        name=name,
     )
     local = Trainer(cfg, tmp_path / "local")
     expected = [local.train_step() for _ in range(2)]
@@ -75,6 +91,8 @@ def test_sync_mode_equals_the_single_process_trainer(tmp_path, transport):
     assert [m["weight_sync_bytes"] for m in got] == [state_bytes] * 2
     assert all((m["swap_s"] > 0) == engine.swaps for m in got)
     for key in ("policy_loss", "kl_ref", "reward_mean", "grad_norm", "ratio_mean"):
+        if name == "toy-nft" and key == "ratio_mean":
+            continue  # DiffusionNFT has no likelihood ratio
         assert [m[key] for m in got] == pytest.approx([m[key] for m in expected], abs=1e-6), key
     if cfg.ray.learners == 1:
         for name, value in local.policy.trainable_state().items():

@@ -10,13 +10,19 @@ from overrides import SMALL
 
 from raydraft.build import build_policy
 from raydraft.cli import main
-from raydraft.config import ConfigError, load_config
+from raydraft.config import DEFAULT_CONFIG, ConfigError, load_config
 from raydraft.data.shapes import CATEGORIES
+from raydraft.learner import scheduled_lr
 from raydraft.rewards.registry import make_reward
 from raydraft.rollout import generate
 from raydraft.trainer import Trainer, load_for_inference
 
 GRPO = ["algorithm.group_size=4", *SMALL]
+GROUPED = ("toy-flowgrpo", "toy-nft")  # configs whose prompts come in groups
+
+
+def small_overrides(config: str, *extra: str) -> list[str]:
+    return [*(GRPO if config in GROUPED else SMALL), *extra]
 
 
 def trainer(tmp_path, name, overrides, config="toy-flowgrpo") -> Trainer:
@@ -32,6 +38,8 @@ def trainer(tmp_path, name, overrides, config="toy-flowgrpo") -> Trainer:
             "toy-flowgrpo",
             ["sampler.kind=cps", "sampler.noise_level=0.8", "sampler.sde_window_size=1"],
         ),
+        ("toy-nft", []),
+        ("toy-nft", ["model.lora.enabled=true", "algorithm.kl_beta=0.1"]),
         ("toy-draft-k", []),
         ("toy-draft-lv", []),
         ("toy-draft-k", ["algorithm.truncation_steps=null", "algorithm.truncation_range=[1, 3]"]),
@@ -39,7 +47,7 @@ def trainer(tmp_path, name, overrides, config="toy-flowgrpo") -> Trainer:
     ],
 )
 def test_one_step_of_each_algorithm_updates_only_trainable_weights(tmp_path, config, extra):
-    t = trainer(tmp_path, "run", [*GRPO, *extra] if "grpo" in config else [*SMALL, *extra], config)
+    t = trainer(tmp_path, "run", small_overrides(config, *extra), config)
     unet = t.policy.unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     text_before = {k: v.clone() for k, v in t.policy.text_encoder.state_dict().items()}
@@ -124,6 +132,17 @@ def test_a_group_with_same_initial_noise_differs_only_by_its_sde_noise(tmp_path)
     )
 
 
+def test_the_cosine_schedule_sets_each_iterations_lr_from_its_number(tmp_path):
+    cfg = load_config("toy-nft", [*GRPO, "learner.lr_schedule=cosine", "max_steps=4"])
+    lr = cfg.learner.lr
+    assert [scheduled_lr(cfg, i) for i in (0, 2, 4, 9)] == pytest.approx([lr, lr / 2, 0, 0])
+    t = Trainer(cfg, tmp_path / "run")
+    assert [t.train_step()["lr"] for _ in range(2)] == pytest.approx([lr, scheduled_lr(cfg, 1)])
+    assert t.engine.learner.optimizer.param_groups[0]["lr"] == scheduled_lr(cfg, 1)
+    constant = load_config("toy-nft", [*GRPO, "max_steps=4"])
+    assert scheduled_lr(constant, 3) == lr
+
+
 def test_first_grpo_minibatch_is_exactly_on_policy(tmp_path):
     t = trainer(tmp_path, "run", [*GRPO, "learner.minibatch_size=8"])
     metrics = t.train_step()  # one minibatch of all 8 samples: nothing changed before it
@@ -132,11 +151,9 @@ def test_first_grpo_minibatch_is_exactly_on_policy(tmp_path):
     assert metrics["clipfrac"] == 0.0
 
 
-@pytest.mark.parametrize("config", ["toy-flowgrpo", "toy-draft-lv"])
+@pytest.mark.parametrize("config", ["toy-flowgrpo", "toy-nft", "toy-draft-lv"])
 def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, config):
-    overrides = (
-        [*GRPO, "learner.ema_decay=0.9"] if "grpo" in config else [*SMALL, "learner.ema_decay=0.9"]
-    )
+    overrides = small_overrides(config, "learner.ema_decay=0.9")
     straight = trainer(tmp_path, "straight", overrides, config)
     expected = straight.fit(4)
 
@@ -168,7 +185,7 @@ def test_train_command_writes_the_run_directory_contract(tmp_path, monkeypatch):
         ["train", "--max-steps", "2", *overrides, "logging.sample_every=1", "checkpoint.every=1"]
     )
     assert code == 0
-    run = tmp_path / "runs" / "toy-flowgrpo"
+    run = tmp_path / "runs" / DEFAULT_CONFIG
     assert load_config(run / "config.yaml").max_steps == 2
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]

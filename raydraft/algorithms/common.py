@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 ROLLOUT_STREAM = 0  # the iteration's rollout choices (SDE window, DRaFT truncation)
 UPDATE_STREAM = 1  # the iteration's minibatch shuffling
@@ -78,3 +82,30 @@ def split_minibatches(
 def group(items: list, size: int) -> list[list]:
     """Consecutive groups of `size` (the last may be shorter): micro-batches per optimizer step."""
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def rows_of_clean_groups(prompt_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows whose whole group kept its reward. A dropped (bad) reward takes its
+    group with it, since the group's baseline would be wrong without it."""
+    return ~torch.isin(prompt_ids, torch.unique(prompt_ids[~valid]))
+
+
+def plan_minibatches(
+    rows: torch.Tensor,
+    minibatch_size: int,
+    grad_accum_steps: int,
+    epochs: int,
+    generator: torch.Generator,
+    micro_batches: Callable[[torch.Tensor], list[T]],
+) -> list[list[T]]:
+    """Optimizer steps over shuffled minibatches of `rows`, `epochs` times: each minibatch
+    gives the micro-batches `micro_batches(its rows)`, and `grad_accum_steps` minibatches
+    make one optimizer step."""
+    updates: list[list[T]] = []
+    for _ in range(epochs):
+        micro = [
+            micro_batches(rows[part])
+            for part in split_minibatches(len(rows), minibatch_size, generator)
+        ]
+        updates += [[b for mb in chunk for b in mb] for chunk in group(micro, grad_accum_steps)]
+    return updates

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from raydraft.algorithms.common import PromptBatch, group, split_minibatches
+from raydraft.algorithms.common import PromptBatch, plan_minibatches, rows_of_clean_groups
 from raydraft.config import FlowGRPOConfig, SamplerConfig
 from raydraft.models.base import Conditioning, Policy
 from raydraft.sampling.loop import StepNoise, denoise, predict
@@ -109,6 +109,14 @@ class GRPORollout:
     def __len__(self) -> int:
         return len(self.trajectory)
 
+    @property
+    def prompts(self) -> list[str]:
+        return self.trajectory.prompts
+
+    @property
+    def images(self) -> torch.Tensor | None:
+        return self.trajectory.images
+
     @classmethod
     def concat(cls, parts: list[GRPORollout]) -> GRPORollout:
         return cls(
@@ -173,14 +181,10 @@ class FlowGRPO:
         grad_accum_steps: int,
         generator: torch.Generator,
     ) -> tuple[list[list[GRPOBatch]], dict[str, float]]:
-        """Optimizer steps over (shuffled minibatch × trained step) micro-batches.
-
-        Samples with a bad (dropped) reward take their whole group with them: the
-        group's baseline would be wrong without them.
-        """
+        """Optimizer steps over (shuffled minibatch × trained step) micro-batches; groups
+        whose rewards all tie carry no signal and are left out."""
         traj = rollout.trajectory
-        bad_groups = torch.unique(traj.prompt_ids[~valid])
-        keep_group = ~torch.isin(traj.prompt_ids, bad_groups)
+        keep_group = rows_of_clean_groups(traj.prompt_ids, valid)
         advantages, zero_std = group_advantages(
             rewards, traj.prompt_ids, self.cfg.global_std, clip=self.cfg.adv_clip_max
         )
@@ -193,25 +197,24 @@ class FlowGRPO:
             "samples_trained": float(len(keep)),
         }
         steps = self.train_steps(traj.sde_mask)
-        updates: list[list[GRPOBatch]] = []
-        for _ in range(self.cfg.num_inner_epochs):
-            micro: list[list[GRPOBatch]] = []
-            for part in split_minibatches(len(keep), minibatch_size, generator):
-                index = keep[part]
-                micro.append(
-                    [
-                        GRPOBatch(
-                            cond=rollout.cond.select(index),
-                            x=traj.latents[index, j],
-                            x_next=traj.latents[index, j + 1],
-                            old_log_prob=traj.log_probs[index, j],
-                            advantages=advantages[index],
-                            step=j,
-                        )
-                        for j in steps
-                    ]
+
+        def micro_batches(index: torch.Tensor) -> list[GRPOBatch]:
+            return [
+                GRPOBatch(
+                    cond=rollout.cond.select(index),
+                    x=traj.latents[index, j],
+                    x_next=traj.latents[index, j + 1],
+                    old_log_prob=traj.log_probs[index, j],
+                    advantages=advantages[index],
+                    step=j,
                 )
-            updates += [[b for mb in chunk for b in mb] for chunk in group(micro, grad_accum_steps)]
+                for j in steps
+            ]
+
+        updates = plan_minibatches(
+            keep, minibatch_size, grad_accum_steps, self.cfg.num_inner_epochs, generator,
+            micro_batches,
+        )  # fmt: skip
         return updates, stats
 
     def loss(self, policy: Policy, batch: GRPOBatch) -> tuple[torch.Tensor, dict[str, float]]:
