@@ -26,7 +26,7 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 UnitInterval = Annotated[float, Field(gt=0, le=1)]
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
-DEFAULT_CONFIG = "toy-flowgrpo"
+DEFAULT_CONFIG = "toy-nft"
 
 
 class ConfigError(ValueError):
@@ -409,7 +409,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A YAML path, or the name of a config shipped with the package (`toy-flowgrpo`)."""
+    """A YAML path, or the name of a config shipped with the package (`toy-nft`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
