@@ -2,7 +2,8 @@
 of a tie, reward ascent, and training points that depend only on each sample's seed.
 
 The policy is a linear flow model v_θ(x, t) = W_t·x + θ (tests/analytic_policies.py) on a
-real 4-step ODE `FlowSampler`; the final sample is then affine in θ.
+real 4-step ODE `FlowSampler` (and an epsilon model on DDIM for the gradient identity); the
+final sample is then affine in θ.
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from raydraft.algorithms.diffusion_nft import (
 )
 from raydraft.config import DiffusionNFTConfig
 from raydraft.sampling.flow import flow_sigmas
-from raydraft.sampling.samplers import FlowSampler
+from raydraft.sampling.samplers import DDIMSampler, FlowSampler
 
 DIM, STEPS = 2, 4
 TARGET = torch.tensor([1.0, -0.5], dtype=torch.float64)
 
 
-def make_setup(**cfg):
-    sampler = FlowSampler(flow_sigmas(STEPS), "ode")
+def make_setup(prediction: str = "flow", **cfg):
+    """A flow policy on the ODE, or an epsilon policy on deterministic DDIM."""
+    if prediction == "flow":
+        sampler = FlowSampler(flow_sigmas(STEPS), "ode")
+    else:
+        alphas = torch.tensor([0.8, 0.5, 0.25, 0.05], dtype=torch.float64)
+        sampler = DDIMSampler(alphas, torch.arange(STEPS - 1, -1, -1), 1, 1.0, prediction)
     times = [sampler.model_time(i) for i in range(STEPS)]
-    policy = LinearPolicy(times, random_weights(STEPS, DIM, 0.3, seed=1), "flow")
+    policy = LinearPolicy(times, random_weights(STEPS, DIM, 0.3, seed=1), prediction)
     algo = DiffusionNFT(DiffusionNFTConfig(name="diffusion_nft", **cfg), sampler, guidance=1.0)
     return policy, sampler, algo, QuadraticReward(TARGET, scale=1.0, differentiable=False)
 
@@ -56,11 +62,12 @@ def test_optimality_maps_clipped_advantages_onto_the_unit_interval():
     assert optimality(adv, 5.0).tolist() == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("beta", [0.1, 1.0])
-def test_gradient_at_the_sampling_policy_is_advantage_weighted_flow_matching(beta):
+@pytest.mark.parametrize(("prediction", "beta"), [("flow", 0.1), ("flow", 1.0), ("epsilon", 1.0)])
+def test_gradient_at_the_sampling_policy_is_advantage_weighted_flow_matching(prediction, beta):
     """At v_θ = v_old, ∂/∂θ of A_max/β·[r L(v⁺) + (1 - r) L(v⁻)] is A_max·(2r - 1)·∂L(v_θ)/∂θ
-    for every β: the negative branch mirrors the positive one, so a tie adds nothing."""
-    policy, sampler, algo, reward = make_setup(beta=beta, timestep_fraction=1.0)
+    for every β: the negative branch mirrors the positive one, so a tie adds nothing. x̂0 is
+    linear in the model output for flow and epsilon models alike, so the same holds on DDIM."""
+    policy, sampler, algo, reward = make_setup(prediction, beta=beta, timestep_fraction=1.0)
     _, _, updates, _ = planned(policy, algo, reward, grouped_batch(2, 4, 0))
     for micro in updates[0]:
         nft = gradient(policy, algo.loss(policy, micro)[0])
