@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from raydraft.algorithms.common import PromptBatch, plan_minibatches, rows_of_clean_groups
-from raydraft.algorithms.flow_grpo import SDE_NOISE_STREAM, group_advantages
+from raydraft.algorithms.common import PromptBatch, plan_minibatches
+from raydraft.algorithms.flow_grpo import SDE_NOISE_STREAM, trainable_rows
 from raydraft.config import DiffusionNFTConfig
 from raydraft.models.base import Conditioning, Policy
 from raydraft.sampling.loop import StepNoise, denoise, derive_seed
@@ -183,17 +183,11 @@ class DiffusionNFT:
         """Optimizer steps over (shuffled minibatch × training point) micro-batches. Groups
         whose rewards tie stay in (r = 1/2), as in the paper: no gradient at v_old, but
         their loss weighs on the policy once it has moved."""
-        keep_group = rows_of_clean_groups(rollout.prompt_ids, valid)
-        advantages, zero_std = group_advantages(
-            rewards, rollout.prompt_ids, self.cfg.global_std, clip=self.cfg.adv_clip_max
-        )
+        advantages, keep, stats = trainable_rows(
+            rewards, rollout.prompt_ids, valid, self.cfg.global_std, self.cfg.adv_clip_max,
+            keep_ties=True,
+        )  # fmt: skip
         r = optimality(advantages, self.cfg.adv_clip_max)
-        keep = keep_group.nonzero().flatten()
-        stats = {
-            "zero_std_fraction": float(zero_std[keep_group].float().mean()) if len(keep) else 0.0,
-            "bad_reward_dropped": float((~valid).sum()),
-            "samples_trained": float(len(keep)),
-        }
 
         def micro_batches(index: torch.Tensor) -> list[NFTBatch]:
             return [

@@ -48,6 +48,28 @@ def group_advantages(
     return advantages.float(), zero_std
 
 
+def trainable_rows(
+    rewards: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    valid: torch.Tensor,
+    global_std: bool,
+    clip: float,
+    keep_ties: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(advantages, the rows to train on, their statistics). A dropped (bad) reward takes
+    its group with it; groups whose rewards all tie have zero advantage and stay only if
+    `keep_ties`."""
+    clean = rows_of_clean_groups(prompt_ids, valid)
+    advantages, zero_std = group_advantages(rewards, prompt_ids, global_std, clip=clip)
+    rows = (clean if keep_ties else clean & ~zero_std).nonzero().flatten()
+    stats = {
+        "zero_std_fraction": float(zero_std[clean].float().mean()) if clean.any() else 0.0,
+        "bad_reward_dropped": float((~valid).sum()),
+        "samples_trained": float(len(rows)),
+    }
+    return advantages, rows, stats
+
+
 def clipped_surrogate(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,18 +206,10 @@ class FlowGRPO:
         """Optimizer steps over (shuffled minibatch × trained step) micro-batches; groups
         whose rewards all tie carry no signal and are left out."""
         traj = rollout.trajectory
-        keep_group = rows_of_clean_groups(traj.prompt_ids, valid)
-        advantages, zero_std = group_advantages(
-            rewards, traj.prompt_ids, self.cfg.global_std, clip=self.cfg.adv_clip_max
-        )
-        keep = (keep_group & ~zero_std).nonzero().flatten()
-        stats = {
-            "zero_std_fraction": float(zero_std[keep_group].float().mean())
-            if keep_group.any()
-            else 0.0,
-            "bad_reward_dropped": float((~valid).sum()),
-            "samples_trained": float(len(keep)),
-        }
+        advantages, keep, stats = trainable_rows(
+            rewards, traj.prompt_ids, valid, self.cfg.global_std, self.cfg.adv_clip_max,
+            keep_ties=False,
+        )  # fmt: skip
         steps = self.train_steps(traj.sde_mask)
 
         def micro_batches(index: torch.Tensor) -> list[GRPOBatch]:
