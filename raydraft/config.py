@@ -198,6 +198,9 @@ class DiffusionNFTConfig(Section):
     global_std: bool = False
     timestep_fraction: UnitInterval = 0.5  # of the sampler's times, drawn per sample
     num_inner_epochs: PositiveInt = 1
+    # Groups whose rewards all tie (r = 1/2) have no gradient at the sampling policy; the
+    # paper trains on them anyway. False skips their forward and backward passes.
+    train_tied_groups: bool = True
 
 
 AlgorithmConfig = Annotated[

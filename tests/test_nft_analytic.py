@@ -89,6 +89,17 @@ def test_tied_groups_stay_in_the_plan_and_add_no_gradient_at_the_sampling_policy
         assert gradient(policy, algo.loss(policy, micro)[0]).abs().max() < 1e-12
 
 
+def test_tied_groups_leave_the_plan_when_not_trained():
+    policy, _, algo, reward = make_setup(train_tied_groups=False)
+    batch = grouped_batch(2, 4, 0)
+    rewards = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0])  # group 0 ties
+    _, _, updates, stats = planned(policy, algo, reward, batch, rewards)
+    assert stats["zero_std_fraction"] == 0.5 and stats["samples_trained"] == 4
+    assert len(updates) == 1
+    for micro in updates[0]:  # only the untied group's four rows, at every training point
+        assert len(micro) == 4 and (micro.optimality != 0.5).all()
+
+
 def test_nft_moves_the_sample_mean_toward_the_reward_optimum():
     """r = -‖x0 - c‖²: the ODE's final sample is Aθ + (terms in x_T), and NFT's updates
     drive its mean toward c without any log-probability."""

@@ -39,7 +39,7 @@ def trainer(tmp_path, name, overrides, config="toy-flowgrpo") -> Trainer:
             ["sampler.kind=cps", "sampler.noise_level=0.8", "sampler.sde_window_size=1"],
         ),
         ("toy-nft", []),
-        ("toy-nft", ["model.lora.enabled=true", "algorithm.kl_beta=0.1"]),
+        ("toy-nft", ["model.lora.enabled=true", "algorithm.kl_beta=0"]),
         ("toy-draft-k", []),
         ("toy-draft-lv", []),
         ("toy-draft-k", ["algorithm.truncation_steps=null", "algorithm.truncation_range=[1, 3]"]),
