@@ -181,8 +181,8 @@ class DiffusionNFT:
         generator: torch.Generator,
     ) -> tuple[list[list[NFTBatch]], dict[str, float]]:
         """Optimizer steps over (shuffled minibatch × training point) micro-batches. Groups
-        whose rewards tie (r = 1/2) stay in unless `train_tied_groups` is off, as in the
-        paper: no gradient at v_old, but their loss weighs on the policy once it has moved."""
+        whose rewards tie (r = 1/2) stay in, as in the paper, unless `train_tied_groups` is
+        off: no gradient at v_old, but their loss weighs on the policy once it has moved."""
         advantages, keep, stats = trainable_rows(
             rewards, rollout.prompt_ids, valid, self.cfg.global_std, self.cfg.adv_clip_max,
             keep_ties=self.cfg.train_tied_groups,
