@@ -210,9 +210,8 @@ class DiffusionNFT:
 
     def loss(self, policy: Policy, batch: NFTBatch) -> tuple[torch.Tensor, dict[str, float]]:
         beta, r = self.cfg.beta, batch.optimality
-        out = policy.predict(
-            batch.x_t, self._times(batch.steps, batch.x_t), batch.cond, self.guidance
-        )
+        times = self._times(batch.steps, batch.x_t)
+        out = policy.predict(batch.x_t, times, batch.cond, self.guidance)
         old = batch.old_prediction
         positive = beta * out + (1 - beta) * old
         negative = (1 + beta) * old - beta * out
@@ -229,9 +228,7 @@ class DiffusionNFT:
         }
         if self.cfg.kl_beta > 0:
             with torch.no_grad(), policy.reference():
-                ref = policy.predict(
-                    batch.x_t, self._times(batch.steps, batch.x_t), batch.cond, self.guidance
-                )
+                ref = policy.predict(batch.x_t, times, batch.cond, self.guidance)
             kl = ((out.float() - ref.float()) ** 2).flatten(1).mean(1).mean()
             loss = loss + self.cfg.kl_beta * kl
             stats["kl_ref"] = float(kl.detach())
