@@ -54,6 +54,8 @@ class RolloutResult:
     def concat(cls, parts: list[RolloutResult]) -> RolloutResult:
         """Parts of one iteration's batch, in batch order."""
         first = parts[0]
+        if len(parts) == 1:
+            return first
         if any(p.iteration != first.iteration for p in parts):
             raise ValueError("only parts of one iteration can be joined")
         scored = first.rewards is not None

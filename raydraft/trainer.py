@@ -73,9 +73,17 @@ class LocalEngine:
         self.learner = Learner(cfg, self.policy, self.algorithm)
 
     def iterate(self) -> tuple[RolloutResult, dict[str, float]]:
+        """Sample the batch in the parts a Ray run of this config splits it into (one per
+        rollout worker, whole groups): CPU and GPU kernels may round differently for other
+        batch sizes, and with the same parts `--local` reproduces a sync Ray run exactly."""
         batch = self.prompts.next_batch()
         drop = self.cfg.rewards.on_bad_reward == "drop"
-        result = generate(self.algorithm, self.policy, self.reward, batch, self.cfg.seed, drop)
+        parts = [
+            generate(self.algorithm, self.policy, self.reward, part, self.cfg.seed, drop)
+            for part in batch.split(self.cfg.ray.rollout_workers)
+        ]
+        result = RolloutResult.concat(parts)
+        result.seconds = {k: sum(p.seconds[k] for p in parts) for k in result.seconds}
         return result, self.learner.update(result)
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
