@@ -130,8 +130,14 @@ def test_training_points_depend_only_on_each_samples_seed():
     whole = algo.rollout(policy, batch, torch.Generator().manual_seed(0))
     parts = [algo.rollout(policy, p, torch.Generator().manual_seed(1)) for p in batch.split(2)]
     joined = NFTRollout.concat(parts)
-    for key in ("x0", "steps", "x_t", "old_predictions", "images"):
-        assert_close(getattr(joined, key), getattr(whole, key), rtol=0, atol=0)
+    assert torch.equal(joined.steps, whole.steps)  # drawn from the seeds alone
+    # The parts go through the policy in smaller batches, which BLAS kernels may round
+    # differently: float64 values of order 1 after a few dozen operations agree to 1e-12,
+    # the float32 images (x0 cast) to one float32 step (below 5e-7 under 4), while a
+    # draw from another seed moves them by order 1.
+    for key in ("x0", "x_t", "old_predictions"):
+        assert_close(getattr(joined, key), getattr(whole, key), rtol=0, atol=1e-12)
+    assert_close(joined.images, whole.images, rtol=0, atol=5e-7)
     assert whole.steps.shape == (len(batch), STEPS // 2)
     assert all(len(set(row)) == len(row) for row in whole.steps.tolist())
     for k in range(whole.steps.shape[1]):

@@ -127,9 +127,12 @@ def test_a_group_with_same_initial_noise_differs_only_by_its_sde_noise(tmp_path)
     parts = [
         generate(t.engine.algorithm, t.policy, t.engine.reward, p, 0, True) for p in batch.split(2)
     ]
-    torch.testing.assert_close(
-        torch.cat([p.rollout.trajectory.latents for p in parts]), whole.latents
-    )
+    split = torch.cat([p.rollout.trajectory.latents for p in parts])
+    assert torch.equal(split[:, 0], start)  # the initial noise comes from the seeds alone
+    # Later latents went through the network in half batches, which CPU kernels may round
+    # differently (float32, 3 steps: 2e-6 measured on AVX-512); a draw from another seed
+    # moves them by order 1 (rows of one group differ by more than 2 at every step).
+    torch.testing.assert_close(split, whole.latents, rtol=0, atol=1e-4)
 
 
 def test_the_cosine_schedule_sets_each_iterations_lr_from_its_number(tmp_path):
