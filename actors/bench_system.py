@@ -12,7 +12,6 @@ Three tables, each measured side by side in one run on one local Ray instance:
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 
@@ -33,6 +32,7 @@ from actors.weight_sync import (
     from_message,
 )
 from raydraft.algorithms.common import PromptBatch
+from raydraft.bench.machine import describe
 from raydraft.config import load_config
 from raydraft.rollout import RolloutResult
 from raydraft.trainer import Trainer
@@ -221,8 +221,7 @@ def run(options: list[str]) -> None:
     stage = {k: float(opts[k]) for k in ("rollout_s", "reward_s", "update_s")}
     threads = os.cpu_count() or 1
     connect(None, num_cpus=max(8, threads))
-    print(f"# raydraft bench system: {platform.processor() or platform.machine()}, "
-          f"{threads} cores, torch {torch.__version__}, ray {ray.__version__}")  # fmt: skip
+    print(f"# raydraft bench system: {describe()}, ray {ray.__version__}")
 
     parts = opts["parts"].split(",")
     if "overhead" in parts:

@@ -3,7 +3,9 @@
 import re
 
 import pytest
+import torch
 
+from raydraft.bench.machine import cpu_model, describe
 from raydraft.cli import main
 
 
@@ -16,6 +18,14 @@ from raydraft.cli import main
 )
 def test_sampler_bench_prints_a_ratio_per_sampler(capsys, family, samplers):
     assert main(["bench", "sampler", f"family={family}", "steps=2", "batch=1", "repeats=1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| \w", line)]
+    out = capsys.readouterr().out
+    assert describe() in out.splitlines()[0]  # the header names the machine
+    rows = [line for line in out.splitlines() if re.match(r"\| \w", line)]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| pipeline", *(f"| {s}" for s in samplers)]
     assert all(float(r.rstrip(" |").split(" | ")[-1]) > 0 for r in rows[1:])
+
+
+def test_the_machine_line_names_the_processor_and_torchs_cpu_kernels():
+    line = describe()
+    assert cpu_model() in line and torch.__version__ in line
+    assert f"kernels {torch.backends.cpu.get_cpu_capability()}" in line

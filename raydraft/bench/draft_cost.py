@@ -11,13 +11,13 @@ peak-memory counter, so every cell runs in a fresh process and reads its own
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import subprocess
 import sys
 
 import torch
 
+from raydraft.bench.machine import describe
 from raydraft.bench.timing import median_seconds
 
 DEFAULTS = {"config": "toy-draft-k", "batch": 8, "steps": 8, "repeats": 3}
@@ -89,7 +89,7 @@ def run(options: list[str]) -> list[dict]:
     ks = sorted({1, 2, steps // 2, steps})
     print(
         f"draft-cost: {opts['config']}, batch {opts['batch']}, T={steps} steps, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"{torch.get_num_threads()} threads, {describe()}"
     )
     rows = []
     for k in ks:

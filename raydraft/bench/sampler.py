@@ -11,11 +11,11 @@ CPU; `size=full` is the real architecture (SD 1.5's, FLUX.1-dev's), for a GPU.
 
 from __future__ import annotations
 
-import platform
 import tempfile
 
 import torch
 
+from raydraft.bench.machine import describe
 from raydraft.bench.timing import median_seconds
 
 DEFAULTS = {"family": "sd", "size": "small", "batch": 4, "steps": 10, "repeats": 3}
@@ -179,8 +179,7 @@ def run(options: list[str]) -> None:
             cells = {"pipeline": median_seconds(pipeline_call, repeats, warm_up=True)}
             for label, sampler_cfg in samplers.items():
                 cells[label] = median_seconds(lambda c=sampler_cfg: ours(c), repeats, warm_up=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-    print(f"# raydraft bench sampler: {name or platform.machine()}, torch {torch.__version__}, "
+    print(f"# raydraft bench sampler: {describe(device)}, "
           f"{size} {family} pipeline ({side}x{side} px), {dtype}, batch {batch}, "
           f"{steps} steps, guidance {guidance}")  # fmt: skip
     print("| sampler | s per batch | images/s | vs pipeline |\n|---|---|---|---|")
