@@ -12,6 +12,7 @@ from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, load_single_file_c
 from safetensors import safe_open
 
 from raydraft.config import ModelConfig
+from raydraft.local_weights import not_loadable
 from raydraft.models.trainable import TrainableDenoiser
 
 # model_index.json's `_class_name` → the model.family whose adapter loads it.
@@ -46,7 +47,7 @@ def load_pipeline(
                     cfg.path, config=directory, torch_dtype=dtype, local_files_only=True, **kwargs
                 )
             except (OSError, ValueError) as err:
-                raise _not_loadable(cfg.path, pipeline_class, err, "model.path") from None
+                raise not_loadable(cfg.path, pipeline_class, err, "model.path") from None
         denoiser_class = pipeline_class._get_signature_types()[denoiser_name][0]
         try:
             kwargs[denoiser_name] = denoiser_class.from_single_file(
@@ -57,14 +58,14 @@ def load_pipeline(
                 local_files_only=True,
             )
         except (OSError, ValueError) as err:
-            raise _not_loadable(cfg.path, denoiser_class, err, "model.path") from None
+            raise not_loadable(cfg.path, denoiser_class, err, "model.path") from None
     try:
         return pipeline_class.from_pretrained(
             directory, torch_dtype=dtype, local_files_only=True, **kwargs
         )
     except (OSError, ValueError) as err:
         key = "model.pipeline_path" if cfg.pipeline_path else "model.path"
-        raise _not_loadable(directory, pipeline_class, err, key) from None
+        raise not_loadable(directory, pipeline_class, err, key) from None
 
 
 def _holds_a_vae(path: str) -> bool:
@@ -90,26 +91,6 @@ def _check_family(pipeline_class: type[DiffusionPipeline], cfg: ModelConfig, dir
                 f"{key} {directory!r} holds a {found}, and model.family={cfg.family!r} "
                 f"loads a {pipeline_class.__name__}{hint}"
             )
-
-
-def _not_loadable(path: str, loaded: type, err: Exception, key: str) -> FileNotFoundError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return FileNotFoundError(
-        f"{key} {path!r}: cannot load a {loaded.__name__} from it ({reason}). The weights "
-        "must be present locally (a diffusers directory or a hub id already in the cache): "
-        f"raydraft never downloads them. {_fetch_hint(path)}"
-    )
-
-
-def _fetch_hint(path: str) -> str:
-    if Path(path).is_file():
-        return ""
-    if Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        return f"Fetch one into that directory with `hf download REPO_ID --local-dir {path}`."
-    return (
-        f"Fetch it into the hub cache with `hf download {path}` where the hub is reachable "
-        "(the same HF_HUB_CACHE, or copy the cache over), or set model.path to a directory."
-    )
 
 
 def export_pipeline(
