@@ -37,4 +37,9 @@ def build_reward(cfg: RewardsConfig) -> CompositeReward:
 
 
 def _load_builtins() -> None:
-    from raydraft.rewards import builtin, shapes_checker, shapes_clip  # noqa: F401  (register on import)
+    from raydraft.rewards import (  # noqa: F401  (each registers its rewards on import)
+        builtin,
+        clip_rewards,
+        shapes_checker,
+        shapes_clip,
+    )
