@@ -40,6 +40,7 @@ def _load_builtins() -> None:
     from raydraft.rewards import (  # noqa: F401  (each registers its rewards on import)
         builtin,
         clip_rewards,
+        geneval,
         ocr,
         shapes_checker,
         shapes_clip,
