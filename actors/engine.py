@@ -40,7 +40,7 @@ from actors.weight_sync import (
 )
 from raydraft.algorithms.common import PromptBatch
 from raydraft.build import build_policy
-from raydraft.config import ExperimentConfig
+from raydraft.config import ExperimentConfig, reward_serving_for
 from raydraft.rollout import RolloutResult
 from raydraft.trainer import prompt_stream
 
@@ -64,8 +64,9 @@ def required_cpus(cfg: ExperimentConfig) -> int:
     r = cfg.ray
     rewards = 0.0
     if rewards_on_serve(cfg):
-        rewards = len(cfg.rewards.components) * r.reward_serving.max_replicas
-        rewards *= r.reward_serving.num_cpus
+        for component in cfg.rewards.components:
+            settings = reward_serving_for(r.reward_serving, component)
+            rewards += settings.max_replicas * settings.num_cpus
     total = r.learners * r.learner_cpus + r.rollout_workers * r.worker_cpus + rewards
     return math.ceil(total + 0.5)  # head room for Serve's controller
 

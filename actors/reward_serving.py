@@ -10,6 +10,7 @@ checks and `on_bad_reward: drop` work unchanged.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,13 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raydraft.config import DraftConfig, ExperimentConfig, RewardsConfig, RewardServingConfig
+from raydraft.config import (
+    DraftConfig,
+    ExperimentConfig,
+    RewardsConfig,
+    RewardServingConfig,
+    reward_serving_for,
+)
 from raydraft.rewards.base import CompositeReward, check_shape
 from raydraft.rewards.registry import make_reward
 
@@ -79,32 +86,42 @@ class RewardServer:
     def pid(self) -> int:
         return os.getpid()
 
+    def environment(self, names: list[str]) -> dict[str, Any]:
+        """The replica's interpreter and the named environment variables: what its
+        runtime_env gave it."""
+        return {"python": sys.executable} | {name: os.environ.get(name) for name in names}
+
 
 def deploy_rewards(
     cfg: RewardsConfig, serving: RewardServingConfig, timeout_s: float
 ) -> dict[str, str]:
-    """Start (or update) one Serve application per reward component; {reward: app name}."""
+    """Start (or update) one Serve application per reward component, each with its own
+    settings over `serving` and its own runtime_env if it names one; {reward: app name}."""
     serve.start(proxy_location="Disabled")
     targets = []
     for component in cfg.components:
+        settings = reward_serving_for(serving, component)
+        actor_options = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
+        if component.runtime_env is not None:
+            actor_options["runtime_env"] = component.runtime_env
         deployment = serve.deployment(RewardServer).options(
             name=component.name,
             autoscaling_config={
-                "min_replicas": serving.min_replicas,
-                "max_replicas": serving.max_replicas,
-                "target_ongoing_requests": serving.target_ongoing_requests,
-                "upscale_delay_s": serving.upscale_delay_s,
-                "downscale_delay_s": serving.downscale_delay_s,
+                "min_replicas": settings.min_replicas,
+                "max_replicas": settings.max_replicas,
+                "target_ongoing_requests": settings.target_ongoing_requests,
+                "upscale_delay_s": settings.upscale_delay_s,
+                "downscale_delay_s": settings.downscale_delay_s,
             },
-            max_ongoing_requests=serving.max_ongoing_requests,
-            ray_actor_options={"num_cpus": serving.num_cpus, "num_gpus": serving.num_gpus},
+            max_ongoing_requests=settings.max_ongoing_requests,
+            ray_actor_options=actor_options,
             logging_config={"enable_access_log": False, "log_level": "WARNING"},
         )
         app = deployment.bind(
             component.name,
             component.options,
-            serving.max_batch_size,
-            serving.batch_wait_timeout_s,
+            settings.max_batch_size,
+            settings.batch_wait_timeout_s,
         )
         targets.append(serve.RunTarget(app, name=app_name(component.name), route_prefix=None))
     serve.run_many(
@@ -128,7 +145,7 @@ def _wait_until_running(app: str, timeout_s: float) -> None:
     free = ray.available_resources().get("CPU", 0.0)
     raise RuntimeError(
         f"reward deployment {app} did not start within {timeout_s:.0f} s ({free} CPUs free); "
-        "lower ray.reward_serving.num_cpus or add nodes"
+        "lower ray.reward_serving.num_cpus (or the component's serving.num_cpus) or add nodes"
     )
 
 
@@ -204,17 +221,14 @@ class _ServedScore(torch.autograd.Function):
 def remote_reward(
     cfg: RewardsConfig, serving: RewardServingConfig, differentiable: bool = False
 ) -> CompositeReward:
-    return CompositeReward(
-        [
-            (
-                RemoteReward(
-                    c.name, serving.max_retries, serving.images_per_request, differentiable
-                ),
-                c.weight,
-            )
-            for c in cfg.components
-        ]
-    )
+    remotes = []
+    for component in cfg.components:
+        settings = reward_serving_for(serving, component)
+        remote = RemoteReward(
+            component.name, settings.max_retries, settings.images_per_request, differentiable
+        )
+        remotes.append((remote, component.weight))
+    return CompositeReward(remotes)
 
 
 def rewards_on_serve(cfg: ExperimentConfig) -> bool:

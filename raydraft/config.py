@@ -212,6 +212,12 @@ class RewardSpec(Section):
     name: str
     weight: float = 1.0
     options: dict[str, Any] = {}
+    # Through Ray: this component's Serve deployment settings over `ray.reward_serving`
+    # (its keys: num_gpus, max_batch_size, min/max_replicas, ...), and its replicas' own
+    # Ray runtime_env (`pip`, `uv`, `py_executable`, `env_vars`, ...) for dependencies
+    # that must stay out of the trainer's environment.
+    serving: dict[str, Any] = {}
+    runtime_env: dict[str, Any] | None = None
 
 
 class RewardsConfig(Section):
@@ -285,6 +291,11 @@ class RewardServingConfig(Section):
         return self
 
 
+def reward_serving_for(base: RewardServingConfig, spec: RewardSpec) -> RewardServingConfig:
+    """One reward component's Serve settings: `ray.reward_serving` with its own `serving`."""
+    return RewardServingConfig.model_validate(base.model_dump() | spec.serving)
+
+
 class RayConfig(Section):
     """The Ray runtime: roles, their resources, and the rollout schedule."""
 
@@ -354,6 +365,14 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> ExperimentConfig:
+        for i, spec in enumerate(self.rewards.components):
+            try:
+                reward_serving_for(self.ray.reward_serving, spec)
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                key = f"rewards.components[{i}].serving" + (f".{where}" if where else "")
+                raise ValueError(f"{key}: {first['msg']}") from None
         if self.logging.eval_per_category and not self.data.prompts.startswith("shapes"):
             raise ValueError(
                 "logging.eval_per_category evaluates on the shapes world: "

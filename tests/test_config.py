@@ -2,7 +2,7 @@
 
 import pytest
 
-from raydraft.config import PACKAGE_CONFIGS, ConfigError, load_config
+from raydraft.config import PACKAGE_CONFIGS, ConfigError, load_config, reward_serving_for
 
 
 def error_of(overrides, config="toy-flowgrpo") -> str:
@@ -55,6 +55,30 @@ def test_ray_roles_that_cannot_work_together_are_rejected():
     gpus = ["ray.worker_gpus=0.5", "ray.learner_gpus=0.5"]
     assert "one rank per GPU" in error_of([colocated, "ray.weight_sync=collective", *gpus])
     assert "model.lora.enabled=false" in error_of(["learner.fsdp=true"])
+
+
+def test_a_reward_components_serving_keys_are_checked_over_the_shared_section():
+    def component(serving: str) -> str:
+        return f"rewards.components=[{{name: toy-geneval, serving: {serving}}}]"
+
+    assert "rewards.components[0].serving.num_gpu:" in error_of([component("{num_gpu: 1}")])
+    shared = "ray.reward_serving.max_replicas=4"
+    message = error_of([shared, component("{min_replicas: 5}")])
+    assert (
+        "rewards.components[0].serving:" in message and "min_replicas=5 > max_replicas=4" in message
+    )
+    cfg = load_config(
+        "toy-flowgrpo",
+        [
+            shared,
+            "rewards.components=[{name: toy-geneval, serving: {num_gpus: 0.25, "
+            "max_batch_size: 4}, runtime_env: {pip: [rapidocr-onnxruntime==1.4.4]}}]",
+        ],
+    )
+    spec = cfg.rewards.components[0]
+    settings = reward_serving_for(cfg.ray.reward_serving, spec)
+    assert (settings.num_gpus, settings.max_batch_size, settings.max_replicas) == (0.25, 4, 4)
+    assert spec.runtime_env == {"pip": ["rapidocr-onnxruntime==1.4.4"]}
 
 
 def test_extends_merges_and_a_new_algorithm_replaces_its_section():

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import time
 import urllib.request
 
 import pytest
@@ -11,13 +12,16 @@ import ray
 import torch
 from overrides import RAY_SMALL
 from ray import serve
+from text_images import as_batch, render_text
+from tiny_models import save_tiny_clip
 
 from actors.cluster import connect
 from actors.engine import RayEngine
 from actors.learner import LearnerGroup
-from actors.reward_serving import deploy_rewards
-from raydraft.config import load_config
+from actors.reward_serving import deploy_rewards, remote_reward
+from raydraft.config import RewardsConfig, load_config
 from raydraft.data.shapes import split_specs
+from raydraft.rewards.registry import build_reward
 from raydraft.rollout import generate
 from raydraft.trainer import LocalEngine, Trainer
 
@@ -318,11 +322,30 @@ def test_colocated_workers_share_their_learner_ranks_bundles(tmp_path):
     assert metrics["policy_version"] == 1
 
 
-def test_roles_the_cluster_cannot_place_fail_with_the_shortfall_named():
-    cfg = config("ray.worker_cpus=64", "ray.startup_timeout_s=5")
-    with pytest.raises(RuntimeError, match=r"rollout worker\(s\) of 64.0 CPU.*ray.worker_cpus"):
+@pytest.mark.parametrize(
+    ("name", "override", "message"),
+    [  # DRaFT keeps its reward in the learner: the workers are the first role to wait for
+        ("toy-draft-lv", "ray.worker_cpus=64", r"rollout worker\(s\) of 64.0 CPU.*ray.worker_cpus"),
+        (
+            "toy-flowgrpo",
+            "ray.reward_serving.num_cpus=64",
+            r"raydraft-reward-toy-geneval did not start.*ray.reward_serving.num_cpus",
+        ),
+    ],
+    ids=["rollout-worker", "reward-replica"],
+)
+def test_roles_the_cluster_cannot_place_fail_with_the_shortfall_named(name, override, message):
+    cfg = config(override, "ray.startup_timeout_s=5", name=name)
+    with pytest.raises(RuntimeError, match=message):
         RayEngine(cfg)
-    assert ray.available_resources()["CPU"] == ray.cluster_resources()["CPU"]  # nothing kept
+    deadline = time.monotonic() + 10  # ray.kill and placement group removal are asynchronous
+    while time.monotonic() < deadline and free_cpus() != ray.cluster_resources()["CPU"]:
+        time.sleep(0.2)
+    assert free_cpus() == ray.cluster_resources()["CPU"]  # nothing kept
+
+
+def free_cpus() -> float:
+    return ray.available_resources().get("CPU", 0.0)
 
 
 @pytest.mark.parametrize("resume_step", [1, 2], ids=["mid-epoch", "epoch-boundary"])
@@ -398,3 +421,44 @@ def test_a_served_differentiable_reward_gives_draft_the_local_gradient():
     assert any(g.abs().sum() > 0 for g in gradients[False])
     for here, served in zip(gradients[False], gradients[True], strict=True):
         assert torch.equal(served, here)
+
+
+def test_model_rewards_served_score_as_in_process(tmp_path):
+    """PickScore on a tiny CLIP and OCR on its real shipped weights as Serve deployments,
+    each built in its replica from its name and options: one chunk each, the same
+    computation, so the same scores exactly. A component's own settings and runtime_env
+    reach its replicas only."""
+    rewards = RewardsConfig(
+        components=[
+            {
+                "name": "pickscore",
+                "options": {"path": save_tiny_clip(tmp_path / "clip")},
+                "serving": {"num_cpus": 0.2, "max_batch_size": 4},
+                "runtime_env": {"env_vars": {"RAYDRAFT_REWARD_ENV": "pickscore's own"}},
+            },
+            {"name": "ocr", "weight": 2.0},
+        ]
+    )
+    images = as_batch([render_text("hello world"), render_text("raydraft")])
+    prompts = ['a sign that says "hello world"', 'a sign that says "hello world"']
+    serving = config().ray.reward_serving
+    apps = deploy_rewards(rewards, serving, 120)
+    try:
+        served = remote_reward(rewards, serving)
+        got = served.score(images, prompts, [{}, {}])
+        environments = {
+            name: serve.get_deployment_handle(name, app)
+            .environment.remote(["RAYDRAFT_REWARD_ENV"])
+            .result()
+            for name, app in apps.items()
+        }
+    finally:
+        for app in apps.values():
+            serve.delete(app)
+    assert environments["pickscore"]["RAYDRAFT_REWARD_ENV"] == "pickscore's own"
+    assert environments["ocr"]["RAYDRAFT_REWARD_ENV"] is None
+    local = build_reward(rewards)
+    assert torch.equal(got, local.score(images, prompts, [{}, {}]))
+    assert served.last_components["ocr"].tolist() == [1.0, 0.0]
+    for name, scores in local.last_components.items():
+        assert torch.equal(served.last_components[name], scores), name
