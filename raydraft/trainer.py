@@ -21,7 +21,7 @@ from tqdm import tqdm
 from raydraft.build import build_algorithm, build_policy, needs_reference
 from raydraft.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from raydraft.config import DraftConfig, ExperimentConfig
-from raydraft.data.prompts import PromptStream, load_prompts
+from raydraft.data.prompts import PromptStream, load_prompts, load_prompts_with_metadata
 from raydraft.ema import EMA
 from raydraft.evaluation import evaluate, format_table
 from raydraft.learner import Learner
@@ -247,10 +247,10 @@ class Trainer:
 
 def prompt_stream(cfg: ExperimentConfig) -> PromptStream:
     group_size = 1 if isinstance(cfg.algorithm, DraftConfig) else cfg.algorithm.group_size
+    prompts, metadata = load_prompts_with_metadata(cfg.data.prompts)
     return PromptStream(
-        load_prompts(cfg.data.prompts), cfg.data.prompts_per_step, group_size, cfg.seed,
-        cfg.data.shuffle,
-    )  # fmt: skip
+        prompts, cfg.data.prompts_per_step, group_size, cfg.seed, cfg.data.shuffle, metadata
+    )
 
 
 def iteration_metrics(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,32 +23,66 @@ PROMPT_SETS = {
 
 
 def load_prompts(name_or_path: str) -> list[str]:
-    """A registered prompt set, or a text file with one prompt per line."""
+    """A registered prompt set, or a file of prompts (see `load_prompts_with_metadata`)."""
+    return load_prompts_with_metadata(name_or_path)[0]
+
+
+def load_prompts_with_metadata(name_or_path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """(prompts, each prompt's metadata) of a registered prompt set (no metadata), a text
+    file with one prompt per line (none either), or a `.jsonl` file of JSON objects, each a
+    prompt's metadata with its text under "prompt" (GenEval's and flow_grpo's
+    `*_metadata.jsonl`: tag, include, exclude), which rewards receive with every sample."""
     if name_or_path in PROMPT_SETS:
-        return list(PROMPT_SETS[name_or_path])
+        prompts = list(PROMPT_SETS[name_or_path])
+        return prompts, [{} for _ in prompts]
     path = Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(
             f"data.prompts {name_or_path!r}: not a prompt set {sorted(PROMPT_SETS)} nor a file"
         )
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line]
+    if not lines:
         raise ValueError(f"data.prompts {name_or_path!r}: the file has no prompts")
-    return prompts
+    if path.suffix != ".jsonl":
+        return [line for _, line in lines], [{} for _ in lines]
+    metadata = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data.prompts {name_or_path!r} line {number}: {err}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(
+                f"data.prompts {name_or_path!r} line {number}: expected a JSON object with "
+                'a "prompt" string'
+            )
+        metadata.append(record)
+    return [record["prompt"] for record in metadata], metadata
 
 
 class PromptStream:
     """Epochs over a prompt list in a seeded order; its cursor is checkpointed.
 
     Each iteration takes `prompts_per_step` prompts, each repeated `group_size` times
-    (Flow-GRPO's groups; 1 for DRaFT). Seeds come from (run seed, iteration, row), so an
-    iteration is reproducible wherever it runs.
+    (Flow-GRPO's groups; 1 for DRaFT), each row with a copy of its prompt's metadata.
+    Seeds come from (run seed, iteration, row), so an iteration is reproducible wherever it
+    runs.
     """
 
     def __init__(
-        self, prompts: list[str], prompts_per_step: int, group_size: int, seed: int, shuffle: bool
+        self,
+        prompts: list[str],
+        prompts_per_step: int,
+        group_size: int,
+        seed: int,
+        shuffle: bool,
+        metadata: list[dict[str, Any]] | None = None,
     ) -> None:
+        if metadata is not None and len(metadata) != len(prompts):
+            raise ValueError(f"{len(metadata)} metadata records for {len(prompts)} prompts")
         self.prompts = prompts
+        self.metadata = metadata or [{} for _ in prompts]
         self.prompts_per_step = prompts_per_step
         self.group_size = group_size
         self.seed = seed
@@ -78,7 +114,7 @@ class PromptStream:
             prompts=[self.prompts[i] for i in rows],
             prompt_ids=torch.tensor(rows, dtype=torch.long),
             seeds=torch.tensor(seeds.astype(np.int64) >> 1, dtype=torch.long),
-            metadata=[{} for _ in rows],
+            metadata=[dict(self.metadata[i]) for i in rows],
             iteration=self.iteration - 1,
         )
 
