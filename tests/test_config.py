@@ -117,3 +117,21 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 @pytest.mark.parametrize("path", sorted(PACKAGE_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_is_valid(path):
     assert load_config(path).name == path.stem
+
+
+RECIPES = sorted(p for p in PACKAGE_CONFIGS.glob("*.yaml") if not p.stem.startswith("toy-"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipes_ask_for_the_gpus_their_models_run_on_and_name_their_weights(path):
+    cfg = load_config(path)
+    assert cfg.model.device == "cuda" and cfg.model.path
+    assert cfg.ray.worker_gpus > 0 and cfg.ray.learner_gpus > 0
+    for component in cfg.rewards.components:
+        if component.name != "ocr":  # the OCR engine's weights ship in its wheel
+            assert component.options.get("path"), component.name
+
+
+def test_the_recipes_cover_pickscore_ocr_geneval_and_draft_lv():
+    rewards = {load_config(p).rewards.components[0].name for p in RECIPES}
+    assert {"pickscore", "ocr", "geneval", "aesthetic"} <= rewards
