@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from collections.abc import Iterator
@@ -158,16 +159,17 @@ def dashboards(args: argparse.Namespace) -> int:
     return 0
 
 
+RAY_BENCHES = ("rewards", "system")
+
+
 def bench(args: argparse.Namespace) -> int:
     from raydraft.bench import BENCHES
 
     benches = dict(BENCHES)
-    if args.name == "system":  # the Ray layer's bench lives with it (the core has no Ray)
-        from actors.bench_system import run as system
-
-        benches["system"] = system
+    if args.name in RAY_BENCHES:  # the Ray layer's benches live with it (the core has no Ray)
+        benches[args.name] = importlib.import_module(f"actors.bench_{args.name}").run
     if args.name not in benches:
-        print(f"unknown bench {args.name!r}; available: {sorted([*benches, 'system'])}",
+        print(f"unknown bench {args.name!r}; available: {sorted([*benches, *RAY_BENCHES])}",
               file=sys.stderr)  # fmt: skip
         return 2
     benches[args.name](args.options)

@@ -1,6 +1,9 @@
 """The benchmarks run end to end (their numbers go to docs/benchmarks.md, not to tests)."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,3 +32,14 @@ def test_the_machine_line_names_the_processor_and_torchs_cpu_kernels():
     line = describe()
     assert cpu_model() in line and torch.__version__ in line
     assert f"kernels {torch.backends.cpu.get_cpu_capability()}" in line
+
+
+@pytest.mark.slow  # starts its own Ray instance and Serve (about 40 s)
+def test_rewards_bench_prints_a_ratio_per_reward():
+    command = [sys.executable, "-m", "raydraft", "bench", "rewards", "rewards=pickscore,ocr",
+               "batch=2", "side=128", "repeats=1"]  # fmt: skip
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600).stdout
+    rows = [line for line in out.splitlines() if re.match(r"\| (pickscore|ocr) ", line)]
+    assert [r.split(" | ")[0] for r in rows] == ["| pickscore", "| ocr"], out
+    assert all(float(r.rstrip(" |").split(" | ")[-1]) > 0 for r in rows)

@@ -22,9 +22,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import (
-    CLIPConfig,
-    CLIPModel,
-    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -34,8 +31,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from raydraft.bench.reward_models import save_clip
 from raydraft.models.tokenizers import byte_clip_tokenizer, char_t5_tokenizer
-from raydraft.rewards.clip_rewards import CLIPImageProcessorPil
 
 CLIP_MAX_TOKENS = 16
 LATENT_CHANNELS = 16  # SD3's VAE
@@ -327,22 +324,4 @@ def check_lora_export(policy, pipe, out_dir: Path, our_images, steps: int, guida
 def save_tiny_clip(dirpath: str | Path, seed: int = 0) -> str:
     """A reward-sized CLIPModel (224-pixel ViT, 77-token text) with its PIL image processor
     and tokenizer in one directory, as `CLIPProcessor.save_pretrained` leaves them."""
-    torch.manual_seed(seed)
-    tokenizer = byte_clip_tokenizer()
-    ids = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
-            **{f"{k}_token_id": v for k, v in ids.items()},
-        },
-        vision_config={
-            "image_size": 224, "patch_size": 32, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 2,
-        },
-        projection_dim=16,
-    )  # fmt: skip
-    CLIPModel(config).save_pretrained(dirpath)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tokenizer)
-    processor.save_pretrained(dirpath)
-    return str(dirpath)
+    return save_clip(dirpath, "small", seed)
