@@ -44,4 +44,5 @@ def _load_builtins() -> None:
         ocr,
         shapes_checker,
         shapes_clip,
+        vlm_judge,
     )
