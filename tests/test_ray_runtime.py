@@ -1,19 +1,21 @@
 """The Ray runtime against a real local Ray cluster (one per module) and real Ray Serve."""
 
 import json
+import math
 import os
 import re
 import signal
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import ray
 import torch
 from overrides import RAY_SMALL
 from ray import serve
 from text_images import as_batch, render_text
-from tiny_models import save_tiny_clip
+from tiny_models import save_tiny_clip, save_tiny_sd
 
 from actors.cluster import connect
 from actors.engine import RayEngine
@@ -462,3 +464,48 @@ def test_model_rewards_served_score_as_in_process(tmp_path):
     assert served.last_components["ocr"].tolist() == [1.0, 0.0]
     for name, scores in local.last_components.items():
         assert torch.equal(served.last_components[name], scores), name
+
+
+def test_draft_lv_through_a_served_pickscore_trains_only_the_lora_weights(tmp_path):
+    """DRaFT-LV on a tiny SD pipeline whose differentiable reward, PickScore on a tiny CLIP,
+    lives in a Serve deployment: the gradient comes back from the replica."""
+    reward = {"path": save_tiny_clip(tmp_path / "clip"), "differentiable": True}
+
+    def frozen_weights(policy):  # defined in the test: sent to the learner by value
+        pipe = policy.pipe
+        weights = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+        for part in ("vae", "text_encoder"):
+            weights |= {f"{part}.{k}": v for k, v in getattr(pipe, part).state_dict().items()}
+        return {k: v.detach().clone() for k, v in weights.items()}
+
+    cfg = config(
+        "model.family=sd",
+        f"model.path={save_tiny_sd(tmp_path / 'sd')}",
+        "model.lora.rank=4",
+        "sampler.kind=ddim",
+        "sampler.noise_level=0.0",
+        "data.prompts=toy-colors",
+        f"rewards.components=[{{name: pickscore, options: {json.dumps(reward)}}}]",
+        "ray.reward_serving.serve_draft_rewards=true",
+        name="toy-draft-lv",
+    )
+    engine = RayEngine(cfg)
+    try:
+        before = ray.get(engine.learners.leader.weights.remote()).state
+        metrics = Trainer(cfg, tmp_path / "run", engine=engine).train_step()
+        after = ray.get(engine.learners.leader.weights.remote()).state
+        frozen = ray.get(
+            engine.learners.actors[0].__ray_call__.remote(
+                lambda actor: frozen_weights(actor.learner.policy)
+            )
+        )
+    finally:
+        engine.close()
+    assert list(engine.reward_apps) == ["pickscore"]
+    assert metrics["optimizer_steps"] == 1 and math.isfinite(metrics["grad_norm"])
+    assert metrics["grad_norm"] > 0
+    assert all("lora" in key for key in after)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    base = frozen_weights(engine.policy)  # the driver's copy never trained
+    assert frozen.keys() == base.keys()
+    assert all(torch.equal(frozen[k], base[k]) for k in base)
