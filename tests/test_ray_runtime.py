@@ -44,9 +44,9 @@ COLLECTIVE = [
     "ray.weight_bucket_mb=1",
     "ray.weight_sync_timeout_s=30",
 ]
-TRANSPORTS = pytest.mark.parametrize(
-    "transport", [[], COLLECTIVE], ids=["object-store-lora", "collective-full"]
-)
+# The default suite keeps within 15 minutes on 2 cores: a few variants whose code paths
+# another default test already runs are slow (`python -m pytest -m slow` runs them).
+SLOW = pytest.mark.slow
 SHARDED = ["model.lora.enabled=false", "learner.fsdp=true"]
 FSDP = [*COLLECTIVE, *SHARDED, "ray.learners=2"]
 
@@ -124,7 +124,11 @@ def test_sync_mode_equals_the_single_process_trainer(tmp_path, name, transport):
 
 @pytest.mark.parametrize(
     "name,sharding",
-    [("toy-flowgrpo", []), ("toy-draft-lv", []), ("toy-flowgrpo", SHARDED)],
+    [
+        ("toy-flowgrpo", []),
+        ("toy-draft-lv", []),
+        pytest.param("toy-flowgrpo", SHARDED, marks=SLOW),  # FSDP: in the sync test too
+    ],
     ids=["flowgrpo", "draft-lv", "flowgrpo-fsdp"],
 )
 def test_two_learners_with_half_batches_give_the_full_batch_gradient(name, sharding):
@@ -199,7 +203,11 @@ def test_a_sharded_learner_state_is_full_and_loads_sharded_or_whole():
                 assert torch.equal(optimizer_again["state"][index][key], value), (n, key)
 
 
-@TRANSPORTS
+@pytest.mark.parametrize(
+    "transport",
+    [[], pytest.param(COLLECTIVE, marks=SLOW)],  # collective: in the worker-death test too
+    ids=["object-store-lora", "collective-full"],
+)
 def test_async_mode_never_trains_on_rollouts_older_than_max_staleness(tmp_path, transport):
     cfg = config(
         "ray.mode=async",
@@ -232,8 +240,21 @@ def _rows(path):
     return pq.read_table(path).to_pylist()
 
 
-@TRANSPORTS
-@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+@pytest.mark.parametrize(
+    ("how", "transport"),
+    [
+        ("ray.kill", []),
+        ("SIGKILL", COLLECTIVE),
+        pytest.param("SIGKILL", [], marks=SLOW),
+        pytest.param("ray.kill", COLLECTIVE, marks=SLOW),
+    ],
+    ids=[
+        "ray.kill-object-store-lora",
+        "SIGKILL-collective-full",
+        "SIGKILL-object-store-lora",
+        "ray.kill-collective-full",
+    ],
+)
 def test_a_dead_rollout_worker_is_restarted_and_its_batch_sampled_once(tmp_path, how, transport):
     """`ray.kill` is a death Ray knows of; SIGKILL is a crash it learns of afterwards
     (like `os._exit` in the worker: the process is gone without a word)."""
@@ -302,6 +323,7 @@ def test_a_killed_reward_replica_is_replaced_and_the_request_retried(tmp_path):
         engine.close()
 
 
+@SLOW  # colocated roles also run in the sync test's colocated-swapping case
 def test_colocated_workers_share_their_learner_ranks_bundles(tmp_path):
     cfg = config("ray.placement=colocated", "ray.rollout_workers=2", "ray.learners=2")
     engine = RayEngine(cfg)
@@ -350,7 +372,9 @@ def free_cpus() -> float:
     return ray.available_resources().get("CPU", 0.0)
 
 
-@pytest.mark.parametrize("resume_step", [1, 2], ids=["mid-epoch", "epoch-boundary"])
+@pytest.mark.parametrize(
+    "resume_step", [1, pytest.param(2, marks=SLOW)], ids=["mid-epoch", "epoch-boundary"]
+)
 def test_after_a_learner_dies_resume_equals_the_uninterrupted_run(tmp_path, resume_step):
     """Four prompts, two per step: step 2 ends an epoch exactly."""
     prompts = tmp_path / "prompts.txt"
