@@ -58,37 +58,31 @@ def unit(embeds: torch.Tensor) -> torch.Tensor:
     return embeds / embeds.norm(p=2, dim=-1, keepdim=True)
 
 
-class ClipReward:
-    """A CLIPModel with its PIL image processor and tokenizer, frozen, on one device."""
+class LocalClip:
+    """A CLIPModel with its PIL image processor and tokenizer from local files, frozen, on
+    one device: what the CLIP rewards and GenEval's colour classifier share. `option` names
+    the setting that gave `path` in errors (the processor's is `processor_path` when it
+    comes from elsewhere)."""
 
     def __init__(
         self,
-        name: str,
-        path: str | None,
+        reward: str,
+        path: str,
         processor_path: str | None = None,
-        differentiable: bool = False,
-        device: str | None = None,
+        device: str | torch.device | None = None,
         dtype: str = "float32",
+        option: str = "path",
     ) -> None:
-        if not path:
-            raise ValueError(f"reward {name!r} needs options.path (a CLIP model directory)")
-        self.name = name
-        self.differentiable = differentiable
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, dtype)
         processor_path = processor_path or path
-        option = "processor_path" if processor_path != path else "path"
-        self.model = load_local(name, CLIPModel, path).to(self.device, self.dtype).eval()
-        self.model.requires_grad_(False)
-        self.image_processor = load_local(name, CLIPImageProcessorPil, processor_path, option)
-        self.tokenizer = load_local(name, AutoTokenizer, processor_path, option)
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        if self.differentiable:
-            pixels = tensor_pixels(self.image_processor, images.to(self.device))
-        else:
-            pixels = processor_pixels(self.image_processor, images)
-        return pixels.to(self.device, self.dtype)
+        processor_option = "processor_path" if processor_path != path else option
+        self.model = load_local(reward, CLIPModel, path, option).to(self.device, self.dtype)
+        self.model.eval().requires_grad_(False)
+        self.image_processor = load_local(
+            reward, CLIPImageProcessorPil, processor_path, processor_option
+        )
+        self.tokenizer = load_local(reward, AutoTokenizer, processor_path, processor_option)
 
     def tokens(self, prompts: Sequence[str], padding: bool | str) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
@@ -101,10 +95,39 @@ class ClipReward:
         return {k: v.to(self.device) for k, v in tokens.items()}
 
     def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit projected image embeddings of processed pixels."""
+        pixels = pixels.to(self.device, self.dtype)
         return unit(projected(self.model.get_image_features(pixel_values=pixels)))
 
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        return unit(projected(self.model.get_text_features(**self.tokens(prompts, padding=True))))
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit projected text embeddings, padded to the batch's longest."""
+        return unit(projected(self.model.get_text_features(**self.tokens(texts, padding=True))))
+
+
+class ClipReward(LocalClip):
+    """A CLIP reward: its pixels (black-box or differentiable) and its score."""
+
+    def __init__(
+        self,
+        name: str,
+        path: str | None,
+        processor_path: str | None = None,
+        differentiable: bool = False,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        if not path:
+            raise ValueError(f"reward {name!r} needs options.path (a CLIP model directory)")
+        super().__init__(name, path, processor_path, device, dtype)
+        self.name = name
+        self.differentiable = differentiable
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if self.differentiable:
+            pixels = tensor_pixels(self.image_processor, images.to(self.device))
+        else:
+            pixels = processor_pixels(self.image_processor, images)
+        return pixels.to(self.device, self.dtype)
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):

@@ -20,20 +20,14 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, CLIPModel, Mask2FormerForUniversalSegmentation
+from transformers import Mask2FormerForUniversalSegmentation
 
 try:  # the PIL processor by name (transformers 5); in transformers 4 the default class is it
     from transformers import Mask2FormerImageProcessorPil
 except ImportError:
     from transformers import Mask2FormerImageProcessor as Mask2FormerImageProcessorPil
 
-from raydraft.rewards.clip_rewards import (
-    MAX_TOKENS,
-    CLIPImageProcessorPil,
-    load_local,
-    projected,
-    unit,
-)
+from raydraft.rewards.clip_rewards import LocalClip, load_local, unit
 
 # GenEval's colour names and the templates of its zero-shot colour classifier
 # (`evaluation/evaluate_images.py`; {color} is one of COLORS, {cls} the object's class).
@@ -189,11 +183,7 @@ class ClipColorClassifier:
         device: str | torch.device = "cpu",
         option: str = "clip_path",
     ) -> None:
-        self.device = torch.device(device)
-        self.model = load_local(reward, CLIPModel, path, option).to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.image_processor = load_local(reward, CLIPImageProcessorPil, path, option)
-        self.tokenizer = load_local(reward, AutoTokenizer, path, option)
+        self.clip = LocalClip(reward, path, device=device, option=option)
         self._classifiers: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -201,11 +191,7 @@ class ClipColorClassifier:
         """(len(COLORS), D): the zero-shot classifier for objects of class `cls`, cached."""
         if cls not in self._classifiers:
             texts = [t.format(color=c, cls=cls) for c in COLORS for t in COLOR_TEMPLATES]
-            tokens = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
-            )
-            tokens = {k: v.to(self.device) for k, v in tokens.items()}
-            embeds = unit(projected(self.model.get_text_features(**tokens)))
+            embeds = self.clip.text_embeddings(texts)
             per_color = embeds.view(len(COLORS), len(COLOR_TEMPLATES), -1).mean(1)
             self._classifiers[cls] = unit(per_color)
         return self._classifiers[cls]
@@ -216,9 +202,8 @@ class ClipColorClassifier:
     ) -> torch.Tensor:
         """(len(objects), len(COLORS)): the cosine of each object's crop to each colour."""
         crops = [object_crop(image, d) for d in objects]
-        pixels = self.image_processor(images=crops, return_tensors="pt")["pixel_values"]
-        features = self.model.get_image_features(pixel_values=pixels.to(self.device))
-        return unit(projected(features)) @ self.color_embeddings(cls).T
+        pixels = self.clip.image_processor(images=crops, return_tensors="pt")["pixel_values"]
+        return self.clip.image_embeddings(pixels) @ self.color_embeddings(cls).T
 
     def classify(self, image: Image.Image, objects: Sequence[Detection], cls: str) -> list[str]:
         """The colour (one of COLORS) of each of `objects`, objects of class `cls` in `image`."""
