@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 class BadRewardError(ValueError):
@@ -35,6 +36,12 @@ def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """NCHW floats in [0, 1] -> NHWC uint8, the pixels a black-box reward (or a PNG) sees."""
     pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """The uint8 pixels of `to_uint8_hwc` as PIL images, what the references' processors
+    and engines take."""
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in to_uint8_hwc(images)]
 
 
 def check_shape(name: str, scores: Any, batch: int) -> None:

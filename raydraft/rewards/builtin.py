@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
-from raydraft.rewards.base import to_uint8_hwc
+from raydraft.rewards.base import to_pil
 from raydraft.rewards.registry import register_reward
 
 
@@ -42,8 +40,8 @@ class JpegCompressibility:
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
         sizes = []
-        for array in to_uint8_hwc(images):
+        for image in to_pil(images):
             buffer = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(array)).save(buffer, "JPEG", quality=self.quality)
+            image.save(buffer, "JPEG", quality=self.quality)
             sizes.append(buffer.tell() / 1000)
         return -torch.tensor(sizes, dtype=torch.float32)

@@ -38,11 +38,10 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from raydraft.rewards.base import to_uint8_hwc
+from raydraft.rewards.base import to_pil
 from raydraft.rewards.detectors import (
     COLORS,
     ClipColorClassifier,
@@ -416,7 +415,7 @@ class GenEvalReward:
                 f"reward 'geneval': {len(prompts)} prompts but {len(metadata)} metadata"
             )
         specs = [self._metadata(m, p) for m, p in zip(metadata, prompts, strict=True)]
-        pil = [Image.fromarray(np.ascontiguousarray(a)) for a in to_uint8_hwc(images)]
+        pil = to_pil(images)
         detections = self.detector.detect(pil)
         self.last_results = [
             geneval_rules(spec, found, partial(self._classify, image))

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from raydraft.rewards.base import to_uint8_hwc
+from raydraft.rewards.base import to_pil
 
 
 def processor_pixels(image_processor: Any, images: torch.Tensor) -> torch.Tensor:
     """`image_processor` on the uint8 PIL images, as the references call it."""
-    pil = [Image.fromarray(np.ascontiguousarray(a)) for a in to_uint8_hwc(images)]
-    return image_processor(images=pil, return_tensors="pt")["pixel_values"]
+    return image_processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
 
 
 def resized_shape(height: int, width: int, size: Any) -> tuple[int, int]:

@@ -78,7 +78,7 @@ except ImportError:
     from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
 from raydraft.local_weights import not_loadable
-from raydraft.rewards.base import to_uint8_hwc
+from raydraft.rewards.base import to_pil
 from raydraft.rewards.clip_rewards import load_local
 from raydraft.rewards.registry import register_reward
 
@@ -364,7 +364,7 @@ class VlmJudge:
         ]
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
-        pil = [Image.fromarray(pixels) for pixels in to_uint8_hwc(images)]
+        pil = to_pil(images)
         texts = self.prompts(prompts)
         self.last_answers = []
         chunks = [torch.zeros(0)] + [
