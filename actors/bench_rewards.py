@@ -22,7 +22,7 @@ from ray import serve
 from actors.cluster import connect
 from actors.reward_serving import deploy_rewards, remote_reward
 from raydraft.bench.machine import describe
-from raydraft.bench.reward_models import save_clip
+from raydraft.bench.reward_models import CLIP_SIZES, save_aesthetic_mlp, save_clip
 from raydraft.bench.timing import median_seconds
 from raydraft.config import RewardsConfig, RewardServingConfig
 from raydraft.rewards.registry import build_reward
@@ -46,15 +46,8 @@ def component(name: str, size: str, device: str, root: Path) -> dict:
     clip = save_clip(root / name, BACKBONE[name] if size == "full" else "small")
     options = {"path": clip, "device": device}
     if name == "aesthetic":
-        torch.manual_seed(0)
-        width = 768 if size == "full" else 16
-        sizes = [(width, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
-        state = {}
-        for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), sizes, strict=True):
-            state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in) / fan_in**0.5
-            state[f"layers.{index}.bias"] = torch.zeros(fan_out)
-        torch.save(state, root / "aesthetic-mlp.pth")
-        options["mlp_path"] = str(root / "aesthetic-mlp.pth")
+        width = CLIP_SIZES[BACKBONE[name] if size == "full" else "small"][-1]
+        options["mlp_path"] = save_aesthetic_mlp(root / "aesthetic-mlp.pth", width)
     return {"name": name, "options": options}
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from tiny_models import save_tiny_clip
 from transformers import AutoModel, AutoProcessor
 
+from raydraft.bench.reward_models import save_aesthetic_mlp
 from raydraft.rewards.preprocess import processor_pixels, tensor_pixels
 from raydraft.rewards.registry import make_reward
 
@@ -116,17 +117,9 @@ def test_clipscore_is_the_reference_formula_and_differentiable(clip_dir, images)
 
 
 def test_aesthetic_is_the_predictor_on_the_normalised_embedding(clip_dir, images, tmp_path):
-    torch.manual_seed(2)
-    sizes = [(16, 24), (24, 12), (12, 8), (8, 4), (4, 1)]  # the original's 768-1024-128-64-16-1
-    state = {}
-    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), sizes, strict=True):
-        state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in)
-        state[f"layers.{index}.bias"] = torch.randn(fan_out)
-    torch.save(state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    reward = make_reward(
-        "aesthetic",
-        {"path": clip_dir, "mlp_path": str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")},
-    )
+    mlp_path = save_aesthetic_mlp(tmp_path / "sac+logos+ava1-l14-linearMSE.pth", 16, seed=2)
+    state = torch.load(mlp_path, weights_only=True)
+    reward = make_reward("aesthetic", {"path": clip_dir, "mlp_path": mlp_path})
     processor, model = AutoProcessor.from_pretrained(clip_dir), AutoModel.from_pretrained(clip_dir)
     with torch.no_grad():  # aesthetic_scorer.py: processor, image features, L2, the MLP
         embed = features(

@@ -1,7 +1,8 @@
-"""CLIP reward models with random weights of a chosen size, saved as the rewards load them
-(model, PIL image processor and tokenizer in one directory): `small` for tests and CPU
+"""Reward models with random weights, saved as the rewards load them. CLIP models (model, PIL
+image processor and tokenizer in one directory) of a chosen size: `small` for tests and CPU
 benchmarks, `vit-l` (OpenAI CLIP ViT-L/14: CLIPScore, the aesthetic predictor's backbone)
-and `vit-h` (LAION CLIP ViT-H/14: PickScore) for benchmarks on a GPU."""
+and `vit-h` (LAION CLIP ViT-H/14: PickScore) for benchmarks on a GPU; and the aesthetic
+predictor's MLP file with the original's key names."""
 
 from __future__ import annotations
 
@@ -49,3 +50,20 @@ def save_clip(dirpath: str | Path, size: str = "small", seed: int = 0) -> str:
     processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tokenizer)
     processor.save_pretrained(dirpath)
     return str(dirpath)
+
+
+AESTHETIC_HIDDEN = (1024, 128, 64, 16)  # the improved aesthetic predictor's layer widths
+
+
+def save_aesthetic_mlp(path: str | Path, width: int, seed: int = 0) -> str:
+    """An aesthetic MLP file over `width`-dimensional embeddings (768 for ViT-L/14), keys
+    `layers.{0,2,4,6,7}.*` as in `sac+logos+ava1-l14-linearMSE.pth`."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = zip((width, *AESTHETIC_HIDDEN), (*AESTHETIC_HIDDEN, 1), strict=True)
+    state = {}
+    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), sizes, strict=True):
+        weight = torch.randn(fan_out, fan_in, generator=generator) / fan_in**0.5
+        state[f"layers.{index}.weight"] = weight
+        state[f"layers.{index}.bias"] = torch.randn(fan_out, generator=generator)
+    torch.save(state, path)
+    return str(path)
