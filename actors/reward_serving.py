@@ -112,6 +112,7 @@ def deploy_rewards(
                 "target_ongoing_requests": settings.target_ongoing_requests,
                 "upscale_delay_s": settings.upscale_delay_s,
                 "downscale_delay_s": settings.downscale_delay_s,
+                "look_back_period_s": settings.look_back_period_s,
             },
             max_ongoing_requests=settings.max_ongoing_requests,
             ray_actor_options=actor_options,

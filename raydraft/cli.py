@@ -1,4 +1,4 @@
-"""`raydraft train | bench`: the command line."""
+"""`raydraft train | eval | sample | serve-rewards | dashboards | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -151,6 +151,32 @@ def sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_rewards(args: argparse.Namespace) -> int:
+    """The config's rewards on Ray Serve behind HTTP until interrupted."""
+    import os
+    import time
+
+    import ray
+    from ray import serve
+
+    from actors.cluster import connect
+    from actors.engine import required_cpus
+    from actors.reward_http import serve_rewards_http
+
+    cfg = load_config(args.config, args.overrides)
+    started = connect(args.address, num_cpus=max(os.cpu_count() or 1, required_cpus(cfg)))
+    try:
+        with _sigterm_interrupts():
+            print(f"serving rewards {[c.name for c in cfg.rewards.components]} at "
+                  f"{serve_rewards_http(cfg)}/v1/rewards/NAME/score", flush=True)  # fmt: skip
+            while True:
+                time.sleep(3600)
+    finally:
+        if started:
+            serve.shutdown()
+            ray.shutdown()
+
+
 def dashboards(args: argparse.Namespace) -> int:
     from raydraft.dashboards import write
 
@@ -206,6 +232,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.eval_num_steps=30")
     p.set_defaults(func=sample)
+
+    p = commands.add_parser("serve-rewards", help="the config's rewards as an HTTP endpoint")
+    p.add_argument("--config", required=True, help="YAML file or shipped config name")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ray.reward_http.port=9000")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    p.set_defaults(func=serve_rewards)
 
     p = commands.add_parser("dashboards", help="write the Grafana dashboard and scrape config")
     p.add_argument("--out", default="dashboards", help="directory (default: dashboards/)")

@@ -272,6 +272,7 @@ class RewardServingConfig(Section):
     max_ongoing_requests: PositiveInt = 128  # >= max_batch_size, or batches stay small
     upscale_delay_s: NonNegativeFloat = 1.0
     downscale_delay_s: NonNegativeFloat = 30.0
+    look_back_period_s: PositiveFloat = 30.0  # load averaged over this window
     num_cpus: NonNegativeFloat = 0.25  # fractional: whole CPUs starve the other roles
     num_gpus: NonNegativeFloat = 0.0
     max_batch_size: PositiveInt = 8  # requests (chunks) joined into one model call
@@ -289,6 +290,20 @@ class RewardServingConfig(Section):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size")
         return self
+
+
+class RewardHttpConfig(Section):
+    """`raydraft serve-rewards`: the rewards as an HTTP endpoint for trainers outside this
+    cluster (raydraft/rewards/http_reward.py has the wire format)."""
+
+    host: str = "127.0.0.1"  # wider (0.0.0.0, an interface) only with a token
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    # The environment variable holding the bearer token (never the token in a file).
+    # Required when `host` is not loopback; optional, and then enforced, on loopback.
+    token_env: str = "RAYDRAFT_REWARD_TOKEN"
+    max_request_mb: PositiveFloat = 64.0  # larger bodies: 413 before they are read
+    max_images: PositiveInt = 256  # per request
+    max_image_side: PositiveInt = 2048  # pixels, each side; larger: 413
 
 
 def reward_serving_for(base: RewardServingConfig, spec: RewardSpec) -> RewardServingConfig:
@@ -324,6 +339,7 @@ class RayConfig(Section):
     weight_sync_timeout_s: PositiveFloat = 120.0  # a broadcast peer silent this long: failed
     startup_timeout_s: PositiveFloat = 300.0  # roles not placed by then: an error, not a hang
     reward_serving: RewardServingConfig = RewardServingConfig()
+    reward_http: RewardHttpConfig = RewardHttpConfig()
 
     @model_validator(mode="after")
     def _colocation(self) -> RayConfig:

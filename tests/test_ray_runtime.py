@@ -305,6 +305,7 @@ def test_a_worker_dead_at_a_weight_sync_is_restarted_and_the_group_rebuilt(tmp_p
     assert {(r["iteration"], r["policy_version"]) for r in rows} == {(0, 0), (1, 1)}
 
 
+@SLOW  # test_reward_serving.py kills a model reward's replica under load
 def test_a_killed_reward_replica_is_replaced_and_the_request_retried(tmp_path):
     from actors.reward_serving import app_name
 

@@ -41,6 +41,7 @@ def _load_builtins() -> None:
         builtin,
         clip_rewards,
         geneval,
+        http_reward,
         ocr,
         shapes_checker,
         shapes_clip,
