@@ -90,7 +90,8 @@ class RewardHttpIngress:
         images, prompts, metadata = await asyncio.to_thread(decode_request, body, self.limits)
         reward = self.rewards[parts[2]]
         scores = await asyncio.to_thread(reward.score, images, prompts, metadata)
-        return Response(encode_scores(parts[2], scores), media_type="application/json")
+        answer = encode_scores(parts[2], scores, reward.last_details)
+        return Response(answer, media_type="application/json")
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused (413) as soon as it passes the limit, declared or not."""

@@ -28,7 +28,7 @@ from raydraft.config import (
     RewardServingConfig,
     reward_serving_for,
 )
-from raydraft.rewards.base import CompositeReward, check_shape
+from raydraft.rewards.base import CompositeReward, check_shape, reward_details
 from raydraft.rewards.registry import make_reward
 
 APP_PREFIX = "raydraft-reward-"
@@ -59,14 +59,22 @@ class RewardServer:
         return images, prompts, metadata, [len(chunk) for _, chunk, _ in requests]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score(self, requests: list[Request]) -> list[np.ndarray]:
+    async def score(self, requests: list[Request]) -> list[tuple[np.ndarray, dict]]:
+        """Each request's scores and the reward's per-sample details of them."""
         images, prompts, metadata, sizes = self._join(requests)
         with torch.no_grad():
             scores = self.reward.score(images, prompts, metadata)
         check_shape(self.reward.name, scores, len(prompts))  # before splitting by request
         # NaN checks belong to the caller, which names the reward and the samples.
         values = np.asarray(scores.detach().float().cpu(), dtype=np.float64)
-        return np.split(values, np.cumsum(sizes)[:-1])
+        bounds = np.cumsum(sizes)[:-1]
+        details = {
+            k: np.split(v.cpu().numpy(), bounds) for k, v in reward_details(self.reward).items()
+        }
+        return [
+            (part, {k: parts[i] for k, parts in details.items()})
+            for i, part in enumerate(np.split(values, bounds))
+        ]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def score_with_grad(self, requests: list[Request]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -162,13 +170,18 @@ class RemoteReward:
         self.max_retries = max_retries
         self.images_per_request = images_per_request
         self.differentiable = differentiable
+        self.last_details: dict[str, torch.Tensor] = {}  # the served reward's, as in process
         self.handle: DeploymentHandle = serve.get_deployment_handle(name, app_name(name))
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata) -> torch.Tensor:
         if self.differentiable and images.requires_grad:
             return _ServedScore.apply(images, self, prompts, metadata)
         answers = self._call("score", images, prompts, metadata)
-        return torch.from_numpy(np.concatenate(answers)).float()
+        self.last_details = {
+            key: torch.from_numpy(np.concatenate([details[key] for _, details in answers])).float()
+            for key in answers[0][1]
+        }
+        return torch.from_numpy(np.concatenate([scores for scores, _ in answers])).float()
 
     def score_with_grad(
         self, images: torch.Tensor, prompts: Sequence[str], metadata

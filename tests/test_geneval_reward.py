@@ -445,6 +445,7 @@ def test_geneval_reward_end_to_end(mask2former_dir, clip_dir, images, one_torch_
     assert ((scores >= 0) & (scores <= 1)).all()
     first, second = reward.last_results
     assert first.strict and first.score == 1.0 and scores[0] == 1.0
+    assert reward.last_details["strict"].tolist() == [1.0, 0.0]  # strict accuracy, logged
     assert second.clauses[0].color_matches == in_color and not second.strict
     expected = (1 + (1 - abs(dogs[1] - in_color) / dogs[1]) + 0) / 3  # the person is missing
     assert scores[1].item() == pytest.approx(expected)

@@ -110,7 +110,7 @@ def test_real_weights_on_rendered_text(reward):
     assert scores[0] >= 0.9 and scores[1] >= 0.9, scores
     assert scores[2] <= 0.5 and scores[3] <= 0.5, scores
     assert scores[4] == 0, scores
-    assert reward.failures == 0
+    assert reward.failures == 0 and reward.last_details["failed"].tolist() == [0.0] * 5
 
 
 def test_engine_failure_scores_zero_and_is_counted(caplog):
@@ -123,7 +123,7 @@ def test_engine_failure_scores_zero_and_is_counted(caplog):
     with caplog.at_level(logging.WARNING, logger="raydraft.rewards.ocr"):
         scores = reward.score(torch.ones(2, 3, 32, 32), ['say "a"', 'say "b"'], [{}, {}])
     assert scores.tolist() == [0.0, 0.0]
-    assert reward.failures == 2
+    assert reward.failures == 2 and reward.last_details["failed"].tolist() == [1.0, 1.0]
     assert "'say \"b\"'" in caplog.text and "exploded" in caplog.text
     with pytest.raises(ValueError, match="no quotes"):
         reward.score(torch.ones(1, 3, 32, 32), ["no quotes"], [{}])

@@ -489,6 +489,8 @@ def test_model_rewards_served_score_as_in_process(tmp_path):
     assert served.last_components["ocr"].tolist() == [1.0, 0.0]
     for name, scores in local.last_components.items():
         assert torch.equal(served.last_components[name], scores), name
+    assert served.last_details.keys() == local.last_details.keys() == {"ocr/failed"}
+    assert torch.equal(served.last_details["ocr/failed"], local.last_details["ocr/failed"])
 
 
 def test_draft_lv_through_a_served_pickscore_trains_only_the_lora_weights(tmp_path):

@@ -163,8 +163,12 @@ def test_served_scores_equal_the_in_process_rewards(url, images, image_format):
     for name in ("ocr", "toy-color"):
         options = {"url": url, "reward": name, "token_env": TOKEN_ENV}
         client = make_reward("http", {**options, "image_format": image_format})
-        expected = make_reward(name).score(sent, PROMPTS, [{}, {}])
+        local = make_reward(name)
+        expected = local.score(sent, PROMPTS, [{}, {}])
         assert torch.equal(client.score(images, PROMPTS, [{}, {}]), expected), name
+        assert client.last_details.keys() == getattr(local, "last_details", {}).keys()
+        for key, values in client.last_details.items():  # the OCR engine's failures
+            assert torch.equal(values, local.last_details[key]), key
     assert make_reward("ocr").score(images, PROMPTS, [{}, {}]).tolist() == [1.0, 0.0]
 
 

@@ -13,6 +13,7 @@ from raydraft.cli import main
 from raydraft.config import DEFAULT_CONFIG, ConfigError, load_config
 from raydraft.data.shapes import CATEGORIES
 from raydraft.learner import scheduled_lr
+from raydraft.rewards.base import CompositeReward
 from raydraft.rewards.registry import make_reward
 from raydraft.rollout import generate
 from raydraft.trainer import Trainer, load_for_inference
@@ -248,3 +249,20 @@ def test_eval_command_scores_a_runs_ema_weights_against_the_base(tmp_path, capsy
     assert any(not torch.equal(s, p) for s, p in zip(shadows, params, strict=True))
     for p, shadow in zip(policy.trainable_parameters(), shadows, strict=True):
         assert torch.equal(p, shadow)
+
+
+def test_a_rewards_per_sample_details_reach_the_rollout_log_and_the_metrics(tmp_path):
+    class Judged:  # reports a per-sample detail beside its score, as GenEval's `strict`
+        name, differentiable = "judged", False
+
+        def score(self, images, prompts, metadata):
+            self.last_details = {"strict": (torch.arange(len(prompts)) % 2).float()}
+            return torch.ones(len(prompts))
+
+    t = trainer(tmp_path, "run", GRPO)
+    batch = t.engine.prompts.next_batch()
+    reward = CompositeReward([(Judged(), 1.0)])
+    result = generate(t.engine.algorithm, t.policy, reward, batch, 0, True)
+    strict = [i % 2 for i in range(len(batch))]
+    assert [r["reward/judged/strict"] for r in result.records] == strict
+    assert result.reward_stats()["reward_mean/judged/strict"] == sum(strict) / len(strict)

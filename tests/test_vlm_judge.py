@@ -187,6 +187,7 @@ def test_parsed_scores_and_the_unparsed_counter(vlm_dir, monkeypatch, caplog):
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, torch.tensor([0.8, 0.0, 1.0]))
     assert reward.unparsed == 1
+    assert reward.last_details["unparsed"].tolist() == [0.0, 1.0, 0.0]  # logged per sample
     [record] = caplog.records
     assert PROMPTS[1] in record.getMessage() and "I cannot tell." in record.getMessage()
 

@@ -78,10 +78,17 @@ def score_or_drop(
 
 
 def component_scores(reward: Reward) -> dict[str, torch.Tensor]:
-    """The last batch's scores per component of a composite of two or more rewards, so a
-    weighted sum can be read apart in the logs; {} for a single reward."""
+    """The last batch's per-sample values beside the total, for the logs: each component's
+    score when there are two or more (so a weighted sum can be read apart), and the details
+    its rewards report (`last_details`, named `reward/key`: GenEval's strict correctness,
+    the OCR engine's failures, the VLM judge's unparsed answers)."""
     components = getattr(reward, "last_components", {})
-    return components if len(components) > 1 else {}
+    return (components if len(components) > 1 else {}) | getattr(reward, "last_details", {})
+
+
+def reward_details(reward: Reward) -> dict[str, torch.Tensor]:
+    """A reward's per-sample details of its last call, (B,) each; {} if it reports none."""
+    return {k: v.detach().float() for k, v in getattr(reward, "last_details", {}).items()}
 
 
 def checked_score(
@@ -104,16 +111,19 @@ class CompositeReward:
         self.name = "+".join(r.name for r, _ in self.components)
         self.differentiable = all(r.differentiable for r, _ in self.components)
         self.last_components: dict[str, torch.Tensor] = {}
+        self.last_details: dict[str, torch.Tensor] = {}
         self.bad_components: list[str] = []
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
         total = torch.zeros(images.shape[0], device=images.device)
-        self.last_components, self.bad_components = {}, []
+        self.last_components, self.last_details, self.bad_components = {}, {}, []
         for reward, weight in self.components:
             scores = reward.score(images, prompts, metadata)
             check_shape(reward.name, scores, images.shape[0])
             if _nonfinite(scores):
                 self.bad_components.append(reward.name)
             self.last_components[reward.name] = scores.detach().float()
+            for key, values in reward_details(reward).items():
+                self.last_details[f"{reward.name}/{key}"] = values
             total = total + weight * scores.float()
         return total

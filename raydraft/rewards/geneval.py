@@ -382,6 +382,7 @@ class GenEvalReward:
         self.detector: Detector = Mask2FormerDetector(self.name, path, self.device)
         self.colors = ClipColorClassifier(self.name, clip_path, self.device)
         self.last_results: list[GenEvalResult] = []
+        self.last_details: dict[str, torch.Tensor] = {}  # strict: 1 where all clauses hold
 
     def _metadata(self, metadata: Any, prompt: str) -> Mapping[str, Any]:
         if not isinstance(metadata, Mapping) or "include" not in metadata:
@@ -422,4 +423,6 @@ class GenEvalReward:
             for spec, found, image in zip(specs, detections, pil, strict=True)
         ]
         scores = [float(r.strict) if self.only_strict else r.score for r in self.last_results]
+        strict = [float(r.strict) for r in self.last_results]
+        self.last_details = {"strict": torch.tensor(strict, dtype=torch.float32)}
         return torch.tensor(scores, dtype=torch.float32, device=images.device)

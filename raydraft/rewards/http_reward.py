@@ -5,9 +5,10 @@ POST /v1/rewards/NAME/score with a JSON body
     {"prompts": [str, ...], "metadata": [dict, ...] (optional),
      "images": {"format": "png", "data": [base64 PNG, ...]}
              | {"format": "npy", "data": base64 .npy}}
-answers {"reward": NAME, "scores": [float | null, ...]} (null: a non-finite score, which
-the caller's checks name). PNGs are 8-bit RGB, one per prompt, all the same size: the
-uint8 pixels black-box rewards see anyway. A .npy holds uint8 (N, H, W, 3) or float32
+answers {"reward": NAME, "scores": [float | null, ...], "details": {key: [float, ...]}}
+(null: a non-finite score, which the caller's checks name; details: the reward's per-sample
+extras, e.g. GenEval's strict correctness). PNGs are 8-bit RGB, one per prompt, all the
+same size: the uint8 pixels black-box rewards see anyway. A .npy holds uint8 (N, H, W, 3) or float32
 (N, 3, H, W) in [0, 1] and is read without pickle. GET /v1/rewards lists the rewards.
 Malformed input answers 4xx with {"error": message}; `Authorization: Bearer TOKEN` when
 the server has a token.
@@ -107,9 +108,11 @@ def decode_request(
     return images, prompts, metadata
 
 
-def encode_scores(reward: str, scores: torch.Tensor) -> bytes:
+def encode_scores(reward: str, scores: torch.Tensor, details: dict[str, torch.Tensor]) -> bytes:
+    """The answer: scores (null where non-finite) and the reward's per-sample details."""
     values = [float(s) if math.isfinite(s) else None for s in scores.tolist()]
-    return json.dumps({"reward": reward, "scores": values}).encode()
+    listed = {key: value.tolist() for key, value in details.items()}
+    return json.dumps({"reward": reward, "scores": values, "details": listed}).encode()
 
 
 def _decode_images(images: Any, limits: PayloadLimits) -> torch.Tensor:
@@ -221,18 +224,23 @@ class HttpReward:
         self.images_per_request = images_per_request
         self.timeout_s = timeout_s
         self.max_retries = max_retries
+        self.last_details: dict[str, torch.Tensor] = {}
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
         metadata = list(metadata) or [{} for _ in prompts]
         step = self.images_per_request
-        values = []
+        answers = []
         for i in range(0, len(prompts), step):
             chunk = (images[i : i + step], prompts[i : i + step], metadata[i : i + step])
-            values += self._post(encode_request(*chunk, self.image_format))
-        values = [math.nan if v is None else v for v in values]
+            answers.append(self._post(encode_request(*chunk, self.image_format)))
+        values = [math.nan if v is None else v for answer in answers for v in answer["scores"]]
+        self.last_details = {
+            key: torch.tensor([v for answer in answers for v in answer["details"][key]])
+            for key in answers[0]["details"]
+        }
         return torch.tensor(values, dtype=torch.float32)
 
-    def _post(self, body: bytes) -> list[float | None]:
+    def _post(self, body: bytes) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
         if os.environ.get(self.token_env):
             headers["Authorization"] = f"Bearer {os.environ[self.token_env]}"
@@ -240,7 +248,7 @@ class HttpReward:
             request = urllib.request.Request(self.endpoint, body, headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
-                    return json.loads(answer.read())["scores"]
+                    return json.loads(answer.read())
             except urllib.error.HTTPError as err:
                 if err.code < 500 or attempt == self.max_retries:
                     raise RuntimeError(

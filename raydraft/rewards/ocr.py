@@ -102,6 +102,7 @@ class OcrReward:
         self.name = "ocr"
         self.threads = threads
         self.failures = 0
+        self.last_details: dict[str, torch.Tensor] = {}  # failed: 1 where the engine raised
         self._engine: Any = None
         config = _rapidocr_config()
         self.engine_info: dict[str, Any] = {
@@ -142,14 +143,15 @@ class OcrReward:
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]]
     ) -> torch.Tensor:
         targets = [quoted_text(p) for p in prompts]
-        scores = []
+        scores, failed = [], []
         for image, target, prompt in zip(to_uint8_hwc(images), targets, prompts, strict=True):
             try:
-                recognized = self.recognize(image)
+                scores.append(ocr_score(self.recognize(image), target))
+                failed.append(0.0)
             except Exception as err:  # the reference's maximum penalty, but counted and logged
                 self.failures += 1
                 logger.warning("ocr reward: OCR failed on prompt %r (scored 0): %r", prompt, err)
                 scores.append(0.0)
-                continue
-            scores.append(ocr_score(recognized, target))
+                failed.append(1.0)
+        self.last_details = {"failed": torch.tensor(failed)}
         return torch.tensor(scores, dtype=torch.float32, device=images.device)

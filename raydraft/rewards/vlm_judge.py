@@ -356,6 +356,8 @@ class VlmJudge:
             self.token_ids = (single_token(tokenizer, answer), single_token(tokenizer, negative))
         self.unparsed = 0
         self.last_answers: list[str] = []
+        # parsed scoring: unparsed, 1 where the answer held no score
+        self.last_details: dict[str, torch.Tensor] = {}
 
     def prompts(self, prompts: Sequence[str]) -> list[str]:
         return [
@@ -367,6 +369,7 @@ class VlmJudge:
         pil = to_pil(images)
         texts = self.prompts(prompts)
         self.last_answers = []
+        self.last_details = {"unparsed": torch.zeros(0)} if self.scoring == "parsed" else {}
         chunks = [torch.zeros(0)] + [
             self._score(pil[i : i + self.batch_size], texts[i : i + self.batch_size],
                         list(prompts[i : i + self.batch_size]))
@@ -382,10 +385,14 @@ class VlmJudge:
             return logprobs[:, 0].exp()
         answers = self.engine.generate(images, texts, self.max_new_tokens)
         self.last_answers += answers
-        return torch.tensor([self.parse(a, p) for a, p in zip(answers, prompts, strict=True)])
+        parsed = [self.parse(a, p) for a, p in zip(answers, prompts, strict=True)]
+        unparsed = torch.tensor([float(score is None) for score in parsed])
+        self.last_details["unparsed"] = torch.cat([self.last_details["unparsed"], unparsed])
+        return torch.tensor([0.0 if score is None else score for score in parsed])
 
-    def parse(self, answer: str, prompt: str) -> float:
-        """The template's score of `answer`, or 0, counted and logged, if it has none."""
+    def parse(self, answer: str, prompt: str) -> float | None:
+        """The template's score of `answer`, or None, counted and logged (scored 0), if it
+        has none."""
         score = self.template.parse(answer)
         if score is None:
             self.unparsed += 1
@@ -393,5 +400,4 @@ class VlmJudge:
                 "reward %r: no score in the answer for prompt %r (scored 0): %r",
                 NAME, prompt, answer[:200],
             )  # fmt: skip
-            return 0.0
         return score
