@@ -25,11 +25,17 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
 def make_reward(name: str, options: dict[str, Any] | None = None) -> Reward:
     _load_builtins()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}")
+        raise KeyError(f"unknown reward {name!r}; registered: {reward_names()}")
     try:
         return _REGISTRY[name](**(options or {}))
     except TypeError as err:
         raise TypeError(f"reward {name!r}: bad options {options}: {err}") from None
+
+
+def reward_names() -> list[str]:
+    """Every registered reward's name."""
+    _load_builtins()
+    return sorted(_REGISTRY)
 
 
 def build_reward(cfg: RewardsConfig) -> CompositeReward:
@@ -41,6 +47,7 @@ def _load_builtins() -> None:
         builtin,
         clip_rewards,
         geneval,
+        hpsv2,
         http_reward,
         ocr,
         shapes_checker,
