@@ -3,6 +3,7 @@
 import pytest
 
 from raydraft.config import PACKAGE_CONFIGS, ConfigError, load_config, reward_serving_for
+from raydraft.rewards.registry import reward_names
 
 
 def error_of(overrides, config="toy-flowgrpo") -> str:
@@ -128,10 +129,14 @@ def test_recipes_ask_for_the_gpus_their_models_run_on_and_name_their_weights(pat
     assert cfg.model.device == "cuda" and cfg.model.path
     assert cfg.ray.worker_gpus > 0 and cfg.ray.learner_gpus > 0
     for component in cfg.rewards.components:
+        assert component.name in reward_names()
         if component.name != "ocr":  # the OCR engine's weights ship in its wheel
             assert component.options.get("path"), component.name
 
 
-def test_the_recipes_cover_pickscore_ocr_geneval_and_draft_lv():
-    rewards = {load_config(p).rewards.components[0].name for p in RECIPES}
-    assert {"pickscore", "ocr", "geneval", "aesthetic"} <= rewards
+def test_the_recipes_cover_the_rewards_and_model_families_the_field_trains_on():
+    configs = [load_config(p) for p in RECIPES]
+    rewards = {c.name for cfg in configs for c in cfg.rewards.components}
+    assert {"pickscore", "ocr", "geneval", "aesthetic", "hpsv2", "clipscore"} <= rewards
+    assert {"sd", "sd3", "flux"} <= {cfg.model.family for cfg in configs}
+    assert {"draft", "flow_grpo", "diffusion_nft"} <= {cfg.algorithm.name for cfg in configs}

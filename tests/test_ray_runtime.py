@@ -5,6 +5,7 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 import urllib.request
 
@@ -454,14 +455,23 @@ def test_model_rewards_served_score_as_in_process(tmp_path):
     """PickScore on a tiny CLIP and OCR on its real shipped weights as Serve deployments,
     each built in its replica from its name and options: one chunk each, the same
     computation, so the same scores exactly. A component's own settings and runtime_env
-    reach its replicas only."""
+    reach its replicas only, its `py_executable` too (the way a reward runs in a venv of
+    its own: here a launcher that marks the environment, then starts this interpreter)."""
+    interpreter = tmp_path / "reward-python"
+    interpreter.write_text(
+        f'#!/bin/sh\nexport RAYDRAFT_INTERPRETER=launcher\nexec {sys.executable} "$@"\n'
+    )
+    interpreter.chmod(0o755)
     rewards = RewardsConfig(
         components=[
             {
                 "name": "pickscore",
                 "options": {"path": save_tiny_clip(tmp_path / "clip")},
                 "serving": {"num_cpus": 0.2, "max_batch_size": 4},
-                "runtime_env": {"env_vars": {"RAYDRAFT_REWARD_ENV": "pickscore's own"}},
+                "runtime_env": {
+                    "env_vars": {"RAYDRAFT_REWARD_ENV": "pickscore's own"},
+                    "py_executable": str(interpreter),
+                },
             },
             {"name": "ocr", "weight": 2.0},
         ]
@@ -475,7 +485,7 @@ def test_model_rewards_served_score_as_in_process(tmp_path):
         got = served.score(images, prompts, [{}, {}])
         environments = {
             name: serve.get_deployment_handle(name, app)
-            .environment.remote(["RAYDRAFT_REWARD_ENV"])
+            .environment.remote(["RAYDRAFT_REWARD_ENV", "RAYDRAFT_INTERPRETER"])
             .result()
             for name, app in apps.items()
         }
@@ -483,7 +493,9 @@ def test_model_rewards_served_score_as_in_process(tmp_path):
         for app in apps.values():
             serve.delete(app)
     assert environments["pickscore"]["RAYDRAFT_REWARD_ENV"] == "pickscore's own"
+    assert environments["pickscore"]["RAYDRAFT_INTERPRETER"] == "launcher"
     assert environments["ocr"]["RAYDRAFT_REWARD_ENV"] is None
+    assert environments["ocr"]["RAYDRAFT_INTERPRETER"] is None
     local = build_reward(rewards)
     assert torch.equal(got, local.score(images, prompts, [{}, {}]))
     assert served.last_components["ocr"].tolist() == [1.0, 0.0]
