@@ -4,8 +4,8 @@ Ray Serve deployment, at the same batch size and thread count, measured side by 
 Images/s of `score` in process, and through a `RemoteReward` (the rollout workers' client:
 chunks of `images_per_request` to the deployment's `@serve.batch`), and their ratio. The
 CLIP rewards run on random weights of `size=small` (a CPU) or `size=full` (PickScore's
-ViT-H/14, CLIPScore's and the aesthetic predictor's ViT-L/14, for a GPU); OCR runs on its
-real shipped weights, on rendered text.
+ViT-H/14 and HPSv2's, CLIPScore's and the aesthetic predictor's ViT-L/14, for a GPU); OCR
+runs on its real shipped weights, on rendered text.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from raydraft.config import RewardsConfig, RewardServingConfig
 from raydraft.rewards.registry import build_reward
 
 DEFAULTS = {
-    "rewards": "pickscore,clipscore,aesthetic,ocr",
+    "rewards": "pickscore,clipscore,aesthetic,hpsv2,ocr",
     "size": "small",
     "batch": 8,
     "side": 512,
@@ -36,7 +36,7 @@ DEFAULTS = {
     "threads": 1,
     "device": "cpu",
 }
-BACKBONE = {"pickscore": "vit-h", "clipscore": "vit-l", "aesthetic": "vit-l"}
+BACKBONE = {"pickscore": "vit-h", "clipscore": "vit-l", "aesthetic": "vit-l", "hpsv2": "vit-h"}
 
 
 def component(name: str, size: str, device: str, root: Path) -> dict:
