@@ -89,9 +89,8 @@ class RewardHttpIngress:
         body = await self._body(request)
         images, prompts, metadata = await asyncio.to_thread(decode_request, body, self.limits)
         reward = self.rewards[parts[2]]
-        scores = await asyncio.to_thread(reward.score, images, prompts, metadata)
-        answer = encode_scores(parts[2], scores, reward.last_details)
-        return Response(answer, media_type="application/json")
+        scored = await asyncio.to_thread(reward.score_and_details, images, prompts, metadata)
+        return Response(encode_scores(parts[2], *scored), media_type="application/json")
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused (413) as soon as it passes the limit, declared or not."""

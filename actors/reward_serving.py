@@ -176,12 +176,20 @@ class RemoteReward:
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata) -> torch.Tensor:
         if self.differentiable and images.requires_grad:
             return _ServedScore.apply(images, self, prompts, metadata)
+        scores, self.last_details = self.score_and_details(images, prompts, metadata)
+        return scores
+
+    def score_and_details(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scores and the reward's per-sample details, for callers that share this object
+        between threads (the HTTP ingress), where `last_details` would race."""
         answers = self._call("score", images, prompts, metadata)
-        self.last_details = {
+        details = {
             key: torch.from_numpy(np.concatenate([details[key] for _, details in answers])).float()
             for key in answers[0][1]
         }
-        return torch.from_numpy(np.concatenate([scores for scores, _ in answers])).float()
+        return torch.from_numpy(np.concatenate([scores for scores, _ in answers])).float(), details
 
     def score_with_grad(
         self, images: torch.Tensor, prompts: Sequence[str], metadata

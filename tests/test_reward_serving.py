@@ -99,6 +99,12 @@ def png(size=(64, 32), mode="RGB", image_format="PNG") -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def truncated(encoded: str) -> str:
+    """A PNG whose header is whole and whose pixel data is cut in half."""
+    raw = base64.b64decode(encoded)
+    return base64.b64encode(raw[: len(raw) // 2]).decode()
+
+
 def body(images, prompts=("a", "b")) -> bytes:
     return json.dumps({"prompts": list(prompts), "images": images}).encode()
 
@@ -121,6 +127,8 @@ MALFORMED = {  # (path, body, status, message)
     "not base64": (SCORE, pngs("%%%", "%%%"), 400, "not base64"),
     "a JPEG": (SCORE, pngs(*[png(image_format="JPEG")] * 2), 400, "is JPEG, not PNG"),
     "RGBA": (SCORE, pngs(*[png(mode="RGBA")] * 2), 400, "mode RGBA"),
+    "not an image": (SCORE, pngs(*[base64.b64encode(b"hello").decode()] * 2), 400, "readable"),
+    "cut short": (SCORE, pngs(*[truncated(png())] * 2), 400, "image 0 is not a readable PNG"),
     "sizes differ": (SCORE, pngs(png(), png((32, 32))), 400, "differ in size"),
     "too few images": (SCORE, pngs(png()), 400, "1 images for 2"),
     "oversize image": (SCORE, pngs(*[png((600, 8))] * 2), 413, "each side must be 1 to 512"),

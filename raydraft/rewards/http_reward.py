@@ -135,15 +135,18 @@ def _decode_images(images: Any, limits: PayloadLimits) -> torch.Tensor:
 def _png_pixels(raw: bytes, index: int, limits: PayloadLimits) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(raw))  # reads the header only
-        if image.format != "PNG":
-            raise PayloadError(400, f"image {index} is {image.format}, not PNG")
-        _check_side(image.height, image.width, limits, f"image {index}")
-        if image.mode != "RGB":
-            raise PayloadError(400, f"image {index} has mode {image.mode}: send 8-bit RGB")
+    except Image.DecompressionBombError as err:
+        raise PayloadError(413, f"image {index}: {err}") from None
+    except OSError as err:
+        raise PayloadError(400, f"image {index} is not a readable PNG: {err}") from None
+    if image.format != "PNG":
+        raise PayloadError(400, f"image {index} is {image.format}, not PNG")
+    _check_side(image.height, image.width, limits, f"image {index}")
+    if image.mode != "RGB":
+        raise PayloadError(400, f"image {index} has mode {image.mode}: send 8-bit RGB")
+    try:
         return np.asarray(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if isinstance(err, PayloadError):
-            raise
+    except (OSError, SyntaxError, ValueError) as err:  # a header whose data is cut or corrupt
         raise PayloadError(400, f"image {index} is not a readable PNG: {err}") from None
 
 
