@@ -48,10 +48,9 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from raydraft.local_weights import not_loadable
 from raydraft.rewards.base import to_uint8_hwc
 from raydraft.rewards.clip_rewards import MAX_TOKENS, load_local, projected, unit
+from raydraft.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, normalize
 from raydraft.rewards.registry import register_reward
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # open_clip's model_configs/ViT-H-14.json, the architecture of both HPSv2 checkpoints
 VIT_H_14 = {
     "embed_dim": 1024,
@@ -259,9 +258,7 @@ def resize_max_size(images: torch.Tensor, size: int) -> torch.Tensor:
 def hps_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     """ResizeMaxSize then OpenAI's normalisation, on float NCHW images in [0, 1]."""
     x = resize_max_size(images.float(), size)
-    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(OPENAI_STD, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return normalize(x, OPENAI_MEAN, OPENAI_STD)
 
 
 def to_tensor(images: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,17 @@ uint8 intermediate image and its kernel's rounding (measured in tests/test_clip_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from raydraft.rewards.base import to_pil
+
+# OpenAI CLIP's pixel statistics, which HPSv2 and ImageReward normalise with too
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def processor_pixels(image_processor: Any, images: torch.Tensor) -> torch.Tensor:
@@ -56,6 +61,13 @@ def center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return images[..., top : top + height, left : left + width]
 
 
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(pixels - mean) / std per channel of (..., C, H, W) floats, as torchvision's Normalize."""
+    mean_ = torch.tensor(mean, device=pixels.device).view(-1, 1, 1)
+    std_ = torch.tensor(std, device=pixels.device).view(-1, 1, 1)
+    return (pixels - mean_) / std_
+
+
 def tensor_pixels(
     image_processor: Any,
     images: torch.Tensor,
@@ -72,7 +84,5 @@ def tensor_pixels(
         crop = image_processor.crop_size
         x = center_crop(x, field(crop, "height"), field(crop, "width"))
     if image_processor.do_normalize:
-        mean = torch.tensor(image_processor.image_mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(image_processor.image_std, device=x.device).view(1, -1, 1, 1)
-        x = (x - mean) / std
+        x = normalize(x, image_processor.image_mean, image_processor.image_std)
     return x

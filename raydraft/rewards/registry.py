@@ -49,6 +49,7 @@ def _load_builtins() -> None:
         geneval,
         hpsv2,
         http_reward,
+        imagereward,
         ocr,
         shapes_checker,
         shapes_clip,
