@@ -4,7 +4,6 @@ requests and output parsing on stand-ins shaped like vLLM's objects."""
 
 import logging
 import math
-import string
 import sys
 from types import SimpleNamespace
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tiny_tokenizers import QWEN_TEXT_SPECIAL, QWEN_VISION_SPECIAL, yes_no_tokenizer
 from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerFast,
@@ -33,23 +32,14 @@ from raydraft.rewards.vlm_judge import (
     parse_score_tag,
 )
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+SPECIAL = QWEN_TEXT_SPECIAL + QWEN_VISION_SPECIAL
 PROMPTS = ["a cat", 'a sign that says "hello world"', "two dogs and a red ball on the grass"]
 LOGIT_SCALE = 30.0
 MERGED_TOKENS = 16  # a 32×32 image: 8×8 patches of 4 pixels, merged 2×2
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, plus the Qwen special tokens and the words "Yes" and "No"."""
-    vocab = ["<unk>", *SPECIAL, "Yes", "No", *sorted(set(string.printable))]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"Yes|No|[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>",
-        eos_token="<|im_end|>", additional_special_tokens=SPECIAL[1:],
-    )  # fmt: skip
+    return yes_no_tokenizer(SPECIAL)
 
 
 @pytest.fixture(scope="module")

