@@ -4,8 +4,8 @@ Ray Serve deployment, at the same batch size and thread count, measured side by 
 Images/s of `score` in process, and through a `RemoteReward` (the rollout workers' client:
 chunks of `images_per_request` to the deployment's `@serve.batch`), and their ratio. The
 CLIP rewards run on random weights of `size=small` (a CPU) or `size=full` (PickScore's
-ViT-H/14 and HPSv2's, CLIPScore's and the aesthetic predictor's ViT-L/14, for a GPU); OCR
-runs on its real shipped weights, on rendered text.
+ViT-H/14 and HPSv2's, CLIPScore's and the aesthetic predictor's ViT-L/14, ImageReward's
+BLIP, for a GPU); OCR runs on its real shipped weights, on rendered text.
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ from ray import serve
 from actors.cluster import connect
 from actors.reward_serving import deploy_rewards, remote_reward
 from raydraft.bench.machine import describe
-from raydraft.bench.reward_models import CLIP_SIZES, save_aesthetic_mlp, save_clip
+from raydraft.bench.reward_models import (
+    CLIP_SIZES,
+    save_aesthetic_mlp,
+    save_clip,
+    save_imagereward,
+)
 from raydraft.bench.timing import median_seconds
 from raydraft.config import RewardsConfig, RewardServingConfig
 from raydraft.rewards.registry import build_reward
 
 DEFAULTS = {
-    "rewards": "pickscore,clipscore,aesthetic,hpsv2,ocr",
+    "rewards": "pickscore,clipscore,aesthetic,hpsv2,imagereward,ocr",
     "size": "small",
     "batch": 8,
     "side": 512,
@@ -43,6 +48,9 @@ def component(name: str, size: str, device: str, root: Path) -> dict:
     """The reward's config entry, its weights written under `root` when it needs any."""
     if name == "ocr":
         return {"name": "ocr"}
+    if name == "imagereward":
+        path = save_imagereward(root / name, "full" if size == "full" else "small")
+        return {"name": name, "options": {"path": path, "device": device}}
     clip = save_clip(root / name, BACKBONE[name] if size == "full" else "small")
     options = {"path": clip, "device": device}
     if name == "aesthetic":
