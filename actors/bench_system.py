@@ -31,9 +31,9 @@ from actors.weight_sync import (
     WeightsMessage,
     from_message,
 )
-from raydraft.algorithms.common import PromptBatch
 from raydraft.bench.machine import describe
 from raydraft.config import load_config
+from raydraft.data.prompts import PromptBatch
 from raydraft.rollout import RolloutResult
 from raydraft.trainer import Trainer
 

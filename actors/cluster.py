@@ -9,7 +9,7 @@ import ray
 from ray._private import ray_constants
 
 # Without this Ray on Linux resolves 127.0.0.1 to the machine's external address and
-# binds GCS, raylet and metrics there (../shared/research/env-ray.md).
+# binds GCS, raylet and metrics there.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 # How a dead actor shows when its results are fetched.

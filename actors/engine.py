@@ -38,9 +38,9 @@ from actors.weight_sync import (
     unresponsive,
     weight_sync_for,
 )
-from raydraft.algorithms.common import PromptBatch
 from raydraft.build import build_policy
 from raydraft.config import ExperimentConfig, reward_serving_for
+from raydraft.data.prompts import PromptBatch
 from raydraft.rollout import RolloutResult
 from raydraft.trainer import prompt_stream
 

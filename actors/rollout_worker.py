@@ -18,9 +18,9 @@ from actors.broadcast_group import BroadcastGroup, Buckets
 from actors.cluster import actor_threads
 from actors.reward_serving import remote_reward
 from actors.weight_sync import WEIGHTS_GROUP, WeightsMessage, from_message
-from raydraft.algorithms.common import PromptBatch
 from raydraft.build import build_algorithm, build_policy
 from raydraft.config import ExperimentConfig
+from raydraft.data.prompts import PromptBatch
 from raydraft.offload import move_policy, release_cached_memory
 from raydraft.rollout import RolloutResult, generate
 

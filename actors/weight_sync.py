@@ -1,8 +1,8 @@
 """Versioned weight sync from learner rank 0 to the rollout workers, two transports.
 
 `ObjectStoreSync` (LoRA states; anything on CPU): one `ray.put` of NumPy arrays per
-version, which each worker on a node maps without a copy (torch tensors pickle about 10x
-slower, ../shared/research/env-ray.md); a restarted worker is sent the newest object.
+version, which each worker on a node maps without a copy (torch tensors are pickled
+instead, about ten times slower); a restarted worker is sent the newest object.
 
 `CollectiveSync` (full weights on GPUs, GBs): a broadcast group of the leader and every
 worker (`actors.broadcast_group`), opened once and kept; a version travels in buckets,

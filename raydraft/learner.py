@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from raydraft.algorithms.common import UPDATE_STREAM, iteration_generator
 from raydraft.algorithms.diffusion_nft import DiffusionNFT
 from raydraft.algorithms.draft import DRaFT
 from raydraft.algorithms.flow_grpo import FlowGRPO
@@ -28,6 +27,7 @@ from raydraft.ema import EMA
 from raydraft.models.base import Policy
 from raydraft.offload import move_optimizer_state, move_policy, release_cached_memory
 from raydraft.rollout import RolloutResult
+from raydraft.seeds import UPDATE, iteration_generator
 from raydraft.sharding import gather, scatter_like, scatter_optimizer_state
 
 
@@ -68,7 +68,7 @@ class Learner:
         cfg, algorithm, policy = self.cfg, self.algorithm, self.policy
         start = time.perf_counter()
         if algorithm.scores_rollouts:
-            generator = iteration_generator(cfg.seed, result.iteration, UPDATE_STREAM)
+            generator = iteration_generator(cfg.seed, result.iteration, UPDATE)
             updates, plan_stats = algorithm.plan_updates(
                 result.rollout, result.rewards, result.valid, cfg.learner.minibatch_size,
                 cfg.learner.grad_accum_steps, generator,

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from raydraft.algorithms.common import ROLLOUT_STREAM, PromptBatch, iteration_generator
 from raydraft.algorithms.diffusion_nft import DiffusionNFT, NFTRollout
 from raydraft.algorithms.draft import DRaFT, DraftBatch
 from raydraft.algorithms.flow_grpo import FlowGRPO, GRPORollout
+from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Policy
 from raydraft.rewards.base import Reward, component_scores, score_or_drop
+from raydraft.seeds import ROLLOUT, iteration_generator
 
 
 @dataclass
@@ -83,7 +84,7 @@ def generate(
     needs black-box rewards (`reward` may be a remote reward in the Ray runtime)."""
     start = time.perf_counter()
     policy.train(False)
-    generator = iteration_generator(seed, batch.iteration, ROLLOUT_STREAM)
+    generator = iteration_generator(seed, batch.iteration, ROLLOUT)
     rollout = algorithm.rollout(policy, batch, generator)
     seconds = {"rollout": time.perf_counter() - start}
     rewards = valid = None

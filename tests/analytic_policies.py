@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raydraft.algorithms.common import PromptBatch
+from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, initial_noise
 
 

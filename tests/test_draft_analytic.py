@@ -15,9 +15,9 @@ import torch
 from analytic_policies import LinearChain, LinearPolicy, QuadraticReward, random_weights
 from torch.testing import assert_close
 
-from raydraft.algorithms.common import PromptBatch
 from raydraft.algorithms.draft import DRaFT
 from raydraft.config import DraftConfig
+from raydraft.data.prompts import PromptBatch
 from raydraft.sampling.samplers import DDIMSampler
 
 DIM, STEPS = 3, 4

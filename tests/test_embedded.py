@@ -8,8 +8,8 @@ import torch
 
 from raydraft.config import ModelConfig
 from raydraft.evaluation import evaluate
+from raydraft.models.flow_schedule import flow_sigmas
 from raydraft.models.toy import SHIPPED_MODEL, ToyPolicy
-from raydraft.sampling.flow import flow_sigmas
 from raydraft.sampling.samplers import FlowSampler
 
 

@@ -22,7 +22,8 @@ from raydraft.algorithms.flow_grpo import (
     group_advantages,
 )
 from raydraft.config import FlowGRPOConfig, SamplerConfig
-from raydraft.sampling.flow import flow_sigmas, sde_step_with_logprob
+from raydraft.models.flow_schedule import flow_sigmas
+from raydraft.sampling.flow import sde_step_with_logprob
 from raydraft.sampling.samplers import FlowSampler
 
 DIM, STEPS, NOISE_LEVEL = 2, 4, 0.7

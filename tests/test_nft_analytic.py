@@ -20,7 +20,7 @@ from raydraft.algorithms.diffusion_nft import (
     optimality,
 )
 from raydraft.config import DiffusionNFTConfig
-from raydraft.sampling.flow import flow_sigmas
+from raydraft.models.flow_schedule import flow_sigmas
 from raydraft.sampling.samplers import DDIMSampler, FlowSampler
 
 DIM, STEPS = 2, 4

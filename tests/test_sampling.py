@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from raydraft.models.flow_schedule import flow_sigmas
 from raydraft.sampling.flow import (
     cps_step_with_logprob,
     euler_step,
-    flow_sigmas,
     gaussian_log_prob,
     sde_step_with_logprob,
 )

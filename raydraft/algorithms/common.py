@@ -3,65 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
-import numpy as np
 import torch
 
 T = TypeVar("T")
-
-ROLLOUT_STREAM = 0  # the iteration's rollout choices (SDE window, DRaFT truncation)
-UPDATE_STREAM = 1  # the iteration's minibatch shuffling
-
-
-@dataclass
-class PromptBatch:
-    """Prompts of one iteration, one row per sample (a group repeats its prompt)."""
-
-    prompts: list[str]
-    prompt_ids: torch.Tensor  # (B,) int64
-    seeds: torch.Tensor  # (B,) int64
-    metadata: list[dict]
-    iteration: int = 0
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def select(self, index: torch.Tensor) -> PromptBatch:
-        rows = index.tolist()
-        return PromptBatch(
-            prompts=[self.prompts[i] for i in rows],
-            prompt_ids=self.prompt_ids[index],
-            seeds=self.seeds[index],
-            metadata=[self.metadata[i] for i in rows],
-            iteration=self.iteration,
-        )
-
-    def groups(self) -> list[torch.Tensor]:
-        """Row indices of each group (a run of one prompt id), in order."""
-        ids = self.prompt_ids
-        starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
-        bounds = [*starts, len(ids)]
-        return [torch.arange(bounds[i], bounds[i + 1]) for i in range(len(starts))]
-
-    def split(self, parts: int) -> list[PromptBatch]:
-        """At most `parts` batches of whole groups, in order."""
-        runs = self.groups()
-        chunks = np.array_split(np.arange(len(runs)), min(parts, len(runs)))
-        return [self.select(torch.cat([runs[i] for i in chunk])) for chunk in chunks]
-
-    def group_first_seeds(self) -> list[int]:
-        """Each row's seed replaced by its group's first: one initial noise per group, the
-        same wherever the batch is split (only ever between groups)."""
-        return [int(self.seeds[run[0]]) for run in self.groups() for _ in run]
-
-
-def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:
-    """The generator for one purpose of one iteration: wherever an iteration runs (this
-    process, a rollout worker, a learner rank, a resumed run) it draws the same numbers."""
-    state = np.random.SeedSequence([int(seed) % 2**63, iteration, stream]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 def split_minibatches(

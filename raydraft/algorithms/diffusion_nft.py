@@ -23,14 +23,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from raydraft.algorithms.common import PromptBatch, plan_minibatches
-from raydraft.algorithms.flow_grpo import SDE_NOISE_STREAM, trainable_rows
+from raydraft.algorithms.common import plan_minibatches
+from raydraft.algorithms.flow_grpo import trainable_rows
 from raydraft.config import DiffusionNFTConfig
+from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
-from raydraft.sampling.loop import StepNoise, denoise, derive_seed
+from raydraft.sampling.loop import StepNoise, denoise
 from raydraft.sampling.samplers import Sampler
-
-TRAIN_POINT_STREAM = 2  # a sample's training times and forward noise, from its own seed
+from raydraft.seeds import NFT_TRAIN_POINTS, SDE_NOISE, sample_generator
 
 
 def optimality(advantages: torch.Tensor, clip: float) -> torch.Tensor:
@@ -121,7 +121,7 @@ class DiffusionNFT:
         cond = policy.encode(batch.prompts)
         seeds = batch.seeds.tolist()
         sampler = self.sampler
-        noise = StepNoise(seeds, SDE_NOISE_STREAM) if sampler.stochastic else None
+        noise = StepNoise(seeds, SDE_NOISE) if sampler.stochastic else None
         sde_mask = torch.full((sampler.num_steps,), sampler.stochastic)
         x = policy.initial_noise(seeds)
         x0 = denoise(
@@ -166,7 +166,7 @@ class DiffusionNFT:
         seed: the same wherever and with whatever else the sample is drawn."""
         steps, noise = [], []
         for seed in seeds:
-            g = torch.Generator().manual_seed(derive_seed(seed, TRAIN_POINT_STREAM))
+            g = sample_generator(seed, NFT_TRAIN_POINTS)
             steps.append(torch.randperm(self.sampler.num_steps, generator=g)[: self.num_points])
             noise.append(torch.randn((self.num_points, *like.shape[1:]), generator=g))
         return torch.stack(steps), torch.stack(noise).to(like.device, like.dtype)

@@ -18,14 +18,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from raydraft.algorithms.common import PromptBatch, group, split_minibatches
+from raydraft.algorithms.common import group, split_minibatches
 from raydraft.config import DraftConfig
+from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
 from raydraft.rewards.base import Reward, component_scores, score_or_drop
 from raydraft.sampling.loop import StepNoise, denoise, predict
 from raydraft.sampling.samplers import Sampler
-
-LV_NOISE_STREAM = 2
+from raydraft.seeds import DRAFT_LV_NOISE
 
 
 @dataclass
@@ -112,7 +112,7 @@ class DRaFT:
         x = denoise(policy, cond, x, self.sampler, range(stop), self.guidance).x
         lv_noise = None
         if mode == "lv":
-            noise = StepNoise(batch.seeds.tolist(), LV_NOISE_STREAM)
+            noise = StepNoise(batch.seeds.tolist(), DRAFT_LV_NOISE)
             lv_noise = torch.stack([noise.draw(x) for _ in range(self.cfg.lv_samples)], dim=1)
         return DraftBatch(batch.prompts, batch.metadata, cond, x, start, mode, lv_noise)
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from raydraft.algorithms.common import PromptBatch, plan_minibatches, rows_of_clean_groups
+from raydraft.algorithms.common import plan_minibatches, rows_of_clean_groups
 from raydraft.config import FlowGRPOConfig, SamplerConfig
+from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
 from raydraft.sampling.loop import StepNoise, denoise, predict
 from raydraft.sampling.samplers import Sampler
 from raydraft.sampling.trajectory import Trajectory
-
-SDE_NOISE_STREAM = 1
+from raydraft.seeds import SDE_NOISE
 
 
 def group_advantages(
@@ -173,18 +173,14 @@ class FlowGRPO:
         )
         result = denoise(
             policy, cond, x, self.sampler, range(self.sampler.num_steps), self.guidance,
-            noise=StepNoise(seeds, SDE_NOISE_STREAM), sde_mask=sde_mask, record=True,
+            noise=StepNoise(seeds, SDE_NOISE), sde_mask=sde_mask, record=True,
         )  # fmt: skip
-        times = torch.tensor([self.sampler.model_time(i) for i in range(self.sampler.num_steps)])
         trajectory = Trajectory(
             prompts=list(batch.prompts),
             prompt_ids=batch.prompt_ids,
-            seeds=batch.seeds,
-            times=times,
             latents=torch.stack(result.latents, dim=1),
             log_probs=torch.stack(result.log_probs, dim=1),
             sde_mask=sde_mask,
-            policy_version=policy.version,
             images=policy.decode(result.x).float(),
         )
         return GRPORollout(trajectory, cond, batch.metadata)

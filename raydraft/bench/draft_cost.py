@@ -29,9 +29,9 @@ def _peak_rss_mb() -> float:
 
 def measure(config: str, batch: int, steps: int, k: int, checkpoint: bool, repeats: int) -> dict:
     """One cell, in this process: sampling seconds, update seconds, peak memory."""
-    from raydraft.algorithms.common import PromptBatch
     from raydraft.build import build_algorithm, build_policy
     from raydraft.config import load_config
+    from raydraft.data.prompts import PromptBatch
     from raydraft.rewards.registry import build_reward
     from raydraft.sampling.loop import sample_images
 

@@ -126,6 +126,7 @@ def run(options: list[str]) -> None:
     from raydraft.config import LoraConfig, ModelConfig, SamplerConfig
     from raydraft.sampling.loop import StepNoise, denoise
     from raydraft.sampling.samplers import build_sampler
+    from raydraft.seeds import SDE_NOISE
 
     opts = dict(DEFAULTS) | dict(o.split("=", 1) for o in options)
     family, size = opts["family"], opts["size"]
@@ -170,8 +171,8 @@ def run(options: list[str]) -> None:
             stochastic = sampler_cfg.noise_level > 0
             x = denoise(
                 policy, policy.encode(prompts), policy.initial_noise(seeds), sampler,
-                range(steps), guidance, StepNoise(seeds), torch.full((steps,), stochastic),
-                record=stochastic,
+                range(steps), guidance, StepNoise(seeds, SDE_NOISE),
+                torch.full((steps,), stochastic), record=stochastic,
             ).x  # fmt: skip
             policy.decode(x)
 

@@ -3,14 +3,58 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raydraft.algorithms.common import PromptBatch
 from raydraft.data.shapes import category_balanced, split_specs
+from raydraft.seeds import sample_seeds
+
+
+@dataclass
+class PromptBatch:
+    """Prompts of one iteration, one row per sample (a group repeats its prompt)."""
+
+    prompts: list[str]
+    prompt_ids: torch.Tensor  # (B,) int64
+    seeds: torch.Tensor  # (B,) int64
+    metadata: list[dict]
+    iteration: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: torch.Tensor) -> PromptBatch:
+        rows = index.tolist()
+        return PromptBatch(
+            prompts=[self.prompts[i] for i in rows],
+            prompt_ids=self.prompt_ids[index],
+            seeds=self.seeds[index],
+            metadata=[self.metadata[i] for i in rows],
+            iteration=self.iteration,
+        )
+
+    def groups(self) -> list[torch.Tensor]:
+        """Row indices of each group (a run of one prompt id), in order."""
+        ids = self.prompt_ids
+        starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+        bounds = [*starts, len(ids)]
+        return [torch.arange(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+
+    def split(self, parts: int) -> list[PromptBatch]:
+        """At most `parts` batches of whole groups, in order."""
+        runs = self.groups()
+        chunks = np.array_split(np.arange(len(runs)), min(parts, len(runs)))
+        return [self.select(torch.cat([runs[i] for i in chunk])) for chunk in chunks]
+
+    def group_first_seeds(self) -> list[int]:
+        """Each row's seed replaced by its group's first: one initial noise per group, the
+        same wherever the batch is split (only ever between groups)."""
+        return [int(self.seeds[run[0]]) for run in self.groups() for _ in run]
+
 
 COLORS = ("red", "green", "blue", "yellow", "white", "purple")
 THINGS = ("circle", "square", "triangle", "blob", "image", "picture")
@@ -108,12 +152,11 @@ class PromptStream:
             if self.cursor >= len(order):
                 self.epoch, self.cursor = self.epoch + 1, 0
         rows = [i for i in ids for _ in range(self.group_size)]
-        seeds = np.random.SeedSequence([self.seed, self.iteration]).generate_state(len(rows))
         self.iteration += 1
         return PromptBatch(
             prompts=[self.prompts[i] for i in rows],
             prompt_ids=torch.tensor(rows, dtype=torch.long),
-            seeds=torch.tensor(seeds.astype(np.int64) >> 1, dtype=torch.long),
+            seeds=sample_seeds(self.seed, self.iteration - 1, len(rows)),
             metadata=[dict(self.metadata[i]) for i in rows],
             iteration=self.iteration - 1,
         )

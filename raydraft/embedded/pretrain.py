@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from raydraft.config import LoraConfig, ModelConfig
 from raydraft.data.shapes import CATEGORIES, all_specs, sample_scenes, split_specs
 from raydraft.evaluation import evaluate
+from raydraft.models.flow_schedule import flow_sigmas
 from raydraft.models.toy import ToyPolicy, build_toy_components, save_toy_model
-from raydraft.sampling.flow import flow_sigmas
 from raydraft.sampling.samplers import FlowSampler
 
 CFG_DROPOUT = 0.1

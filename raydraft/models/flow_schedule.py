@@ -1,4 +1,5 @@
-"""The time schedule a flow-matching pipeline steps through, taken from its own scheduler.
+"""Time schedules of flow models: the plain shifted grid (`flow_sigmas`, the toy model's and
+`sampler.shift`'s), and the schedule a pipeline steps through, taken from its own scheduler.
 
 SD3 / SD3.5 and FLUX.1 ship a `FlowMatchEulerDiscreteScheduler` whose config decides the
 schedule: a fixed shift (SD3: 3.0) or a shift that grows with the image's token count
@@ -14,6 +15,12 @@ from collections.abc import Sequence
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """num_steps + 1 times from 1 to 0, shifted toward noise: s·t / (1 + (s - 1)·t) (SD3)."""
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
 
 
 def pipeline_sigmas(

@@ -18,9 +18,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, guided_prediction, initial_noise
+from raydraft.models.flow_schedule import flow_sigmas
 from raydraft.models.tokenizers import byte_clip_tokenizer
 from raydraft.models.trainable import TrainableDelegate, TrainableDenoiser
-from raydraft.sampling.flow import flow_sigmas
 
 IMAGE_SIZE = 32
 MAX_TOKENS = 16

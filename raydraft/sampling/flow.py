@@ -23,12 +23,6 @@ class StepOutput(NamedTuple):
     std: torch.Tensor  # broadcastable to x
 
 
-def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
-    """num_steps + 1 times from 1 to 0, shifted toward noise: s·t / (1 + (s - 1)·t) (SD3)."""
-    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).float()
-
-
 def as_batch_time(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A scalar or (batch,) time as fp32, shaped to broadcast against x."""
     value = torch.as_tensor(value, dtype=torch.float32, device=x.device)

@@ -9,19 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from raydraft.models.base import Conditioning, Policy
 from raydraft.sampling.samplers import Sampler
-
-
-def derive_seed(seed: int, stream: int) -> int:
-    """An independent 63-bit seed for stream `stream` of sample seed `seed`."""
-    return int(
-        np.random.SeedSequence([int(seed) % 2**63, stream]).generate_state(2, np.uint64)[0] >> 1
-    )
+from raydraft.seeds import sample_generator
 
 
 class StepNoise:
@@ -31,10 +24,9 @@ class StepNoise:
     rollouts are reproducible from (prompt, seed, policy version).
     """
 
-    def __init__(self, seeds: Sequence[int], stream: int = 1) -> None:
-        self.generators = [
-            torch.Generator("cpu").manual_seed(derive_seed(s, stream)) for s in seeds
-        ]
+    def __init__(self, seeds: Sequence[int], stream: int) -> None:
+        """`stream`: the draw's entry in `raydraft.seeds`."""
+        self.generators = [sample_generator(s, stream) for s in seeds]
 
     def draw(self, like: torch.Tensor) -> torch.Tensor:
         shape = (1, *like.shape[1:])

@@ -14,13 +14,13 @@ import torch
 
 from raydraft.config import SamplerConfig
 from raydraft.models.base import Policy, PredictionType
+from raydraft.models.flow_schedule import flow_sigmas
 from raydraft.sampling.ddim import ddim_step_with_logprob, to_epsilon
 from raydraft.sampling.flow import (
     StepOutput,
     as_batch_time,
     cps_step_with_logprob,
     euler_step,
-    flow_sigmas,
     sde_step_with_logprob,
 )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,34 +18,17 @@ class Trajectory:
 
     prompts: list[str]
     prompt_ids: torch.Tensor  # (B,) int64
-    seeds: torch.Tensor  # (B,) int64
-    times: torch.Tensor  # (S + 1,) the sampler's time grid (model time)
     latents: torch.Tensor  # (B, S + 1, *latent_shape)
     log_probs: torch.Tensor  # (B, S) fp32
     sde_mask: torch.Tensor  # (S,) bool: which steps were stochastic
-    policy_version: int
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
-    precision: str = "full"
-    timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def select(self, index: torch.Tensor) -> Trajectory:
-        index = torch.as_tensor(index, dtype=torch.long)
-        return replace(
-            self,
-            prompts=[self.prompts[i] for i in index.tolist()],
-            prompt_ids=self.prompt_ids[index],
-            seeds=self.seeds[index],
-            latents=self.latents[index],
-            log_probs=self.log_probs[index],
-            images=None if self.images is None else self.images[index],
-        )
-
     @classmethod
     def concat(cls, parts: list[Trajectory]) -> Trajectory:
-        """Batches of one iteration (same steps, same version) gathered from workers."""
+        """Batches of one iteration (same steps) gathered from workers."""
         first = parts[0]
         for part in parts[1:]:
             if not torch.equal(part.sde_mask, first.sde_mask):
@@ -54,9 +37,7 @@ class Trajectory:
             first,
             prompts=[p for part in parts for p in part.prompts],
             prompt_ids=torch.cat([p.prompt_ids for p in parts]),
-            seeds=torch.cat([p.seeds for p in parts]),
             latents=torch.cat([p.latents for p in parts]),
             log_probs=torch.cat([p.log_probs for p in parts]),
-            policy_version=min(p.policy_version for p in parts),
             images=None if first.images is None else torch.cat([p.images for p in parts]),
         )
