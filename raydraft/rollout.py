@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,12 +19,21 @@ from raydraft.algorithms.flow_grpo import FlowGRPO, GRPORollout
 from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Policy
 from raydraft.rewards.base import Reward, component_scores, score_or_drop
+from raydraft.rows import Rows
 from raydraft.seeds import ROLLOUT, iteration_generator
 
 
+def slowest(seconds: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's seconds of parts that ran side by side: the slowest part's."""
+    return {k: max(s.get(k, 0.0) for s in seconds) for k in seconds[0]}
+
+
 @dataclass
-class RolloutResult:
+class RolloutResult(Rows):
     """One prompt batch sampled by one policy version; black-box rewards already applied."""
+
+    shared = ("iteration", "policy_version", "seconds")
+    combine: ClassVar = {"policy_version": min, "seconds": slowest}
 
     iteration: int
     policy_version: int
@@ -50,26 +59,6 @@ class RolloutResult:
             f"reward_mean/{name}": float(scores[self.valid].mean()) if kept.numel() else math.nan
             for name, scores in self.components.items()
         }
-
-    @classmethod
-    def concat(cls, parts: list[RolloutResult]) -> RolloutResult:
-        """Parts of one iteration's batch, in batch order."""
-        first = parts[0]
-        if len(parts) == 1:
-            return first
-        if any(p.iteration != first.iteration for p in parts):
-            raise ValueError("only parts of one iteration can be joined")
-        scored = first.rewards is not None
-        return cls(
-            iteration=first.iteration,
-            policy_version=min(p.policy_version for p in parts),
-            rollout=type(first.rollout).concat([p.rollout for p in parts]),
-            records=[r for p in parts for r in p.records],
-            rewards=torch.cat([p.rewards for p in parts]) if scored else None,
-            valid=torch.cat([p.valid for p in parts]) if scored else None,
-            components={k: torch.cat([p.components[k] for p in parts]) for k in first.components},
-            seconds={k: max(p.seconds.get(k, 0.0) for p in parts) for k in first.seconds},
-        )
 
 
 def generate(

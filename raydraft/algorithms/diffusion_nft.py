@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +28,7 @@ from raydraft.algorithms.flow_grpo import trainable_rows
 from raydraft.config import DiffusionNFTConfig
 from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
+from raydraft.rows import Rows
 from raydraft.sampling.loop import StepNoise, denoise
 from raydraft.sampling.samplers import Sampler
 from raydraft.seeds import NFT_TRAIN_POINTS, SDE_NOISE, sample_generator
@@ -48,7 +49,7 @@ def adaptive_x0_error(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class NFTBatch:
+class NFTBatch(Rows):
     """One minibatch at one of its training points."""
 
     cond: Conditioning
@@ -61,20 +62,9 @@ class NFTBatch:
     def __len__(self) -> int:
         return len(self.optimality)
 
-    def select(self, index: torch.Tensor) -> NFTBatch:
-        return replace(
-            self,
-            cond=self.cond.select(index),
-            x0=self.x0[index],
-            x_t=self.x_t[index],
-            steps=self.steps[index],
-            old_prediction=self.old_prediction[index],
-            optimality=self.optimality[index],
-        )
-
 
 @dataclass
-class NFTRollout:
+class NFTRollout(Rows):
     """Final samples and their training points (K per sample)."""
 
     prompts: list[str]
@@ -89,19 +79,6 @@ class NFTRollout:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-    @classmethod
-    def concat(cls, parts: list[NFTRollout]) -> NFTRollout:
-        return cls(
-            prompts=[p for part in parts for p in part.prompts],
-            prompt_ids=torch.cat([p.prompt_ids for p in parts]),
-            cond=Conditioning.concat([p.cond for p in parts]),
-            metadata=[m for p in parts for m in p.metadata],
-            **{
-                key: torch.cat([getattr(p, key) for p in parts])
-                for key in ("images", "x0", "steps", "x_t", "old_predictions")
-            },
-        )
 
 
 class DiffusionNFT:

@@ -14,7 +14,7 @@ replays the steps with gradients from the detached state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -23,13 +23,16 @@ from raydraft.config import DraftConfig
 from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
 from raydraft.rewards.base import Reward, component_scores, score_or_drop
+from raydraft.rows import Rows
 from raydraft.sampling.loop import StepNoise, denoise, predict
 from raydraft.sampling.samplers import Sampler
 from raydraft.seeds import DRAFT_LV_NOISE
 
 
 @dataclass
-class DraftBatch:
+class DraftBatch(Rows):
+    shared = ("start", "mode")  # the iteration's plan, the same in every part
+
     prompts: list[str]
     metadata: list[dict]
     cond: Conditioning
@@ -40,31 +43,6 @@ class DraftBatch:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-    def select(self, index: torch.Tensor) -> DraftBatch:
-        return replace(
-            self,
-            prompts=[self.prompts[i] for i in index.tolist()],
-            metadata=[self.metadata[i] for i in index.tolist()],
-            cond=self.cond.select(index),
-            x_start=self.x_start[index],
-            lv_noise=None if self.lv_noise is None else self.lv_noise[index],
-        )
-
-    @classmethod
-    def concat(cls, parts: list[DraftBatch]) -> DraftBatch:
-        """Batches of one iteration (same plan) gathered from rollout workers."""
-        first = parts[0]
-        if any((p.start, p.mode) != (first.start, first.mode) for p in parts):
-            raise ValueError("DRaFT batches of one iteration must share their plan")
-        return replace(
-            first,
-            prompts=[x for p in parts for x in p.prompts],
-            metadata=[x for p in parts for x in p.metadata],
-            cond=Conditioning.concat([p.cond for p in parts]),
-            x_start=torch.cat([p.x_start for p in parts]),
-            lv_noise=None if first.lv_noise is None else torch.cat([p.lv_noise for p in parts]),
-        )
 
 
 class DRaFT:

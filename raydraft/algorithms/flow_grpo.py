@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +21,7 @@ from raydraft.algorithms.common import plan_minibatches, rows_of_clean_groups
 from raydraft.config import FlowGRPOConfig, SamplerConfig
 from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
+from raydraft.rows import Rows
 from raydraft.sampling.loop import StepNoise, denoise, predict
 from raydraft.sampling.samplers import Sampler
 from raydraft.sampling.trajectory import Trajectory
@@ -98,8 +99,10 @@ def sde_window_mask(cfg: SamplerConfig, num_steps: int, generator: torch.Generat
 
 
 @dataclass
-class GRPOBatch:
+class GRPOBatch(Rows):
     """One minibatch at one recorded step: everything the ratio and KL need."""
+
+    shared = ("step",)
 
     cond: Conditioning
     x: torch.Tensor  # latents before the step
@@ -111,19 +114,9 @@ class GRPOBatch:
     def __len__(self) -> int:
         return len(self.advantages)
 
-    def select(self, index: torch.Tensor) -> GRPOBatch:
-        return replace(
-            self,
-            cond=self.cond.select(index),
-            x=self.x[index],
-            x_next=self.x_next[index],
-            old_log_prob=self.old_log_prob[index],
-            advantages=self.advantages[index],
-        )
-
 
 @dataclass
-class GRPORollout:
+class GRPORollout(Rows):
     trajectory: Trajectory
     cond: Conditioning
     metadata: list[dict]
@@ -138,14 +131,6 @@ class GRPORollout:
     @property
     def images(self) -> torch.Tensor | None:
         return self.trajectory.images
-
-    @classmethod
-    def concat(cls, parts: list[GRPORollout]) -> GRPORollout:
-        return cls(
-            Trajectory.concat([p.trajectory for p in parts]),
-            Conditioning.concat([p.cond for p in parts]),
-            [m for p in parts for m in p.metadata],
-        )
 
 
 class FlowGRPO:

@@ -11,12 +11,15 @@ import numpy as np
 import torch
 
 from raydraft.data.shapes import category_balanced, split_specs
+from raydraft.rows import Rows
 from raydraft.seeds import sample_seeds
 
 
 @dataclass
-class PromptBatch:
+class PromptBatch(Rows):
     """Prompts of one iteration, one row per sample (a group repeats its prompt)."""
+
+    shared = ("iteration",)
 
     prompts: list[str]
     prompt_ids: torch.Tensor  # (B,) int64
@@ -26,16 +29,6 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-    def select(self, index: torch.Tensor) -> PromptBatch:
-        rows = index.tolist()
-        return PromptBatch(
-            prompts=[self.prompts[i] for i in rows],
-            prompt_ids=self.prompt_ids[index],
-            seeds=self.seeds[index],
-            metadata=[self.metadata[i] for i in rows],
-            iteration=self.iteration,
-        )
 
     def groups(self) -> list[torch.Tensor]:
         """Row indices of each group (a run of one prompt id), in order."""

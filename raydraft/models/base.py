@@ -14,15 +14,17 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from raydraft.rows import Rows
+
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 
 
 @dataclass
-class Conditioning:
+class Conditioning(Rows):
     """Text conditioning for a batch; negatives are present only when CFG needs them.
 
     `extra` carries family-specific tensors (SDXL time ids, attention masks) whose first
-    dimension is the batch, so `select` and `repeat_interleave` stay generic.
+    dimension is the batch, so `select`, `concat` and `repeat_interleave` stay generic.
     """
 
     embeds: torch.Tensor
@@ -42,27 +44,9 @@ class Conditioning:
         }
         return replace(self, **changes, extra={k: fn(v) for k, v in self.extra.items()})
 
-    def select(self, index: torch.Tensor | slice | Sequence[int]) -> Conditioning:
-        """The rows of `index` (a minibatch of the batch this conditions)."""
-        if not isinstance(index, (slice, torch.Tensor)):
-            index = torch.as_tensor(list(index), dtype=torch.long)
-        return self._map(lambda t: t[index])
-
     def repeat_interleave(self, repeats: int) -> Conditioning:
         """Each row `repeats` times in a row (a prompt's group of samples)."""
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    @classmethod
-    def concat(cls, parts: Sequence[Conditioning]) -> Conditioning:
-        """The batches of `parts` one after another (rollouts gathered from workers)."""
-        first = parts[0]
-        changes = {
-            f.name: torch.cat([getattr(p, f.name) for p in parts])
-            for f in fields(first)
-            if f.name != "extra" and getattr(first, f.name) is not None
-        }
-        extra = {k: torch.cat([p.extra[k] for p in parts]) for k in first.extra}
-        return replace(first, **changes, extra=extra)
 
     def unconditional_first(self) -> Conditioning:
         """The [unconditional, conditional] batch of one CFG call, as the diffusers

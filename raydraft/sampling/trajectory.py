@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
+from raydraft.rows import Rows
+
 
 @dataclass
-class Trajectory:
+class Trajectory(Rows):
     """One batch of rollouts, sample-major.
 
     `latents[:, i]` is the state before step i and `latents[:, -1]` the final latent;
@@ -23,21 +25,7 @@ class Trajectory:
     sde_mask: torch.Tensor  # (S,) bool: which steps were stochastic
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
 
+    shared = ("sde_mask",)  # an iteration's stochastic steps, the same in every part
+
     def __len__(self) -> int:
         return len(self.prompts)
-
-    @classmethod
-    def concat(cls, parts: list[Trajectory]) -> Trajectory:
-        """Batches of one iteration (same steps) gathered from workers."""
-        first = parts[0]
-        for part in parts[1:]:
-            if not torch.equal(part.sde_mask, first.sde_mask):
-                raise ValueError("trajectories of one iteration must share their SDE steps")
-        return replace(
-            first,
-            prompts=[p for part in parts for p in part.prompts],
-            prompt_ids=torch.cat([p.prompt_ids for p in parts]),
-            latents=torch.cat([p.latents for p in parts]),
-            log_probs=torch.cat([p.log_probs for p in parts]),
-            images=None if first.images is None else torch.cat([p.images for p in parts]),
-        )
