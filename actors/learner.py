@@ -21,8 +21,8 @@ from actors.broadcast_group import BroadcastGroup, Buckets, plan_buckets
 from actors.cluster import actor_threads, rendezvous_address, wait_for_start
 from actors.reward_serving import remote_reward
 from actors.weight_sync import WeightsMessage, to_message
-from raydraft.build import build_algorithm, build_policy, needs_reference
-from raydraft.config import DraftConfig, ExperimentConfig
+from raydraft.build import algorithm_class, build_algorithm, build_policy
+from raydraft.config import ExperimentConfig
 from raydraft.learner import Learner
 from raydraft.rewards.registry import build_reward
 from raydraft.rollout import RolloutResult
@@ -35,10 +35,10 @@ class LearnerActor:
         ray_cfg = self.cfg.ray
         torch.set_num_threads(actor_threads(ray_cfg.learner_cpus, ray_cfg.torch_threads))
         torch.manual_seed(self.cfg.seed)
-        policy = build_policy(self.cfg.model, needs_reference(self.cfg))
+        policy = build_policy(self.cfg.model, self.cfg.algorithm.needs_reference)
         # DRaFT's differentiable reward is part of the loss: here, or served with gradients.
         reward = None
-        if isinstance(self.cfg.algorithm, DraftConfig):
+        if not algorithm_class(self.cfg).scores_rollouts:
             serving = ray_cfg.reward_serving
             reward = (
                 remote_reward(self.cfg.rewards, serving, differentiable=True)

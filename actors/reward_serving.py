@@ -21,8 +21,8 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from raydraft.build import algorithm_class
 from raydraft.config import (
-    DraftConfig,
     ExperimentConfig,
     RewardsConfig,
     RewardServingConfig,
@@ -255,4 +255,5 @@ def remote_reward(
 
 def rewards_on_serve(cfg: ExperimentConfig) -> bool:
     """Black-box rewards always are; DRaFT's differentiable ones when configured."""
-    return not isinstance(cfg.algorithm, DraftConfig) or cfg.ray.reward_serving.serve_draft_rewards
+    scores_rollouts = algorithm_class(cfg).scores_rollouts
+    return scores_rollouts or cfg.ray.reward_serving.serve_draft_rewards

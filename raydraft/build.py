@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from raydraft.algorithms.diffusion_nft import DiffusionNFT
-from raydraft.algorithms.draft import DRaFT
-from raydraft.algorithms.flow_grpo import FlowGRPO
-from raydraft.config import DiffusionNFTConfig, DraftConfig, ExperimentConfig, ModelConfig
+from raydraft.algorithms.base import Algorithm
+from raydraft.config import ExperimentConfig, ModelConfig
 from raydraft.models.base import Policy
 from raydraft.rewards.base import Reward
 from raydraft.sampling.samplers import Sampler, build_sampler
@@ -29,9 +27,17 @@ def build_policy(cfg: ModelConfig, keep_reference: bool = False) -> Policy:
     return getattr(importlib.import_module(module), name).from_pretrained(cfg, keep_reference)
 
 
-def needs_reference(cfg: ExperimentConfig) -> bool:
-    """Whether the algorithm evaluates the frozen base model (a KL term to it)."""
-    return not isinstance(cfg.algorithm, DraftConfig) and cfg.algorithm.kl_beta > 0
+# algorithm.name → the class that follows `raydraft.algorithms.base.Algorithm`.
+ALGORITHMS = {
+    "draft": ("raydraft.algorithms.draft", "DRaFT"),
+    "flow_grpo": ("raydraft.algorithms.flow_grpo", "FlowGRPO"),
+    "diffusion_nft": ("raydraft.algorithms.diffusion_nft", "DiffusionNFT"),
+}
+
+
+def algorithm_class(cfg: ExperimentConfig) -> type[Algorithm]:
+    module, name = ALGORITHMS[cfg.algorithm.name]
+    return getattr(importlib.import_module(module), name)
 
 
 def build_algorithm(
@@ -39,18 +45,8 @@ def build_algorithm(
     policy: Policy,
     reward: Reward | None,
     sampler: Sampler | None = None,
-) -> DRaFT | FlowGRPO | DiffusionNFT:
+) -> Algorithm:
+    """`reward`: the differentiable reward of an algorithm that does not score its rollouts
+    (None where only `rollout` runs)."""
     sampler = sampler or build_sampler(cfg.sampler, policy)
-    guidance = cfg.sampler.guidance_scale
-    if isinstance(cfg.algorithm, DraftConfig):
-        return DRaFT(
-            cfg.algorithm,
-            sampler,
-            reward,
-            guidance,
-            checkpoint=cfg.algorithm.checkpoint_each_step,
-            drop_bad_rewards=cfg.rewards.on_bad_reward == "drop",
-        )
-    if isinstance(cfg.algorithm, DiffusionNFTConfig):
-        return DiffusionNFT(cfg.algorithm, sampler, guidance)
-    return FlowGRPO(cfg.algorithm, sampler, cfg.sampler, guidance)
+    return algorithm_class(cfg).build(cfg, sampler, reward)

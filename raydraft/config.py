@@ -7,7 +7,7 @@ Every section forbids unknown keys, so a typo fails with its full path
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -152,6 +152,9 @@ class DraftConfig(Section):
     # Activation checkpointing per model call (DRaFT's setting): memory flat in K.
     checkpoint_each_step: bool = False
 
+    group_size: ClassVar[int] = 1  # one sample per prompt
+    needs_reference: ClassVar[bool] = False
+
     @model_validator(mode="after")
     def _one_setting(self) -> DraftConfig:
         chosen = [
@@ -170,34 +173,42 @@ class DraftConfig(Section):
         return self
 
 
-class FlowGRPOConfig(Section):
-    name: Literal["flow_grpo"]
+class GroupRelativeConfig(Section):
+    """What Flow-GRPO and DiffusionNFT share: groups of samples per prompt whose rewards,
+    centred and scaled within the group, become advantages, and an optional KL-like anchor
+    to the frozen base model."""
+
     group_size: Annotated[int, Field(ge=2)] = 8
-    clip_range: PositiveFloat = 1e-3
-    adv_clip_max: PositiveFloat = 5.0
-    kl_beta: NonNegativeFloat = 0.0
-    global_std: bool = False
-    timestep_fraction: UnitInterval = 0.99
+    adv_clip_max: PositiveFloat = 5.0  # advantages clipped to ±this
+    kl_beta: NonNegativeFloat = 0.0  # weight of the divergence from the frozen base
+    global_std: bool = False  # scale by the batch's reward std instead of each group's
+    timestep_fraction: UnitInterval = 0.99  # of the sampler's steps trained on
     num_inner_epochs: PositiveInt = 1
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss evaluates the frozen base model."""
+        return self.kl_beta > 0
+
+
+class FlowGRPOConfig(GroupRelativeConfig):
+    name: Literal["flow_grpo"]
+    clip_range: PositiveFloat = 1e-3
     # A group starts from one initial noise and differs only by its SDE noise (flow_grpo's
     # same_latent): with an SDE window, the group then branches where the window starts.
     same_initial_noise: bool = False
 
 
-class DiffusionNFTConfig(Section):
+class DiffusionNFTConfig(GroupRelativeConfig):
     """DiffusionNFT: reward-weighted flow matching on the rollouts' final images, contrasting
-    an implicit positive and negative policy around the one that sampled them."""
+    an implicit positive and negative policy around the one that sampled them. Its advantages
+    are then mapped to [0, 1]; `kl_beta` weighs ‖v_θ - v_ref‖²."""
 
     name: Literal["diffusion_nft"]
-    group_size: Annotated[int, Field(ge=2)] = 8
     # β: how far the implicit positive/negative policies sit from the sampling policy
     # (the step size of the improvement; the paper's GenEval runs use 1).
     beta: PositiveFloat = 1.0
-    adv_clip_max: PositiveFloat = 5.0  # advantages clipped to ±this, then mapped to [0, 1]
-    kl_beta: NonNegativeFloat = 0.0  # weight of ‖v_θ - v_ref‖² to the frozen base
-    global_std: bool = False
     timestep_fraction: UnitInterval = 0.5  # of the sampler's times, drawn per sample
-    num_inner_epochs: PositiveInt = 1
     # Groups whose rewards all tie (r = 1/2) have no gradient at the sampling policy; the
     # paper trains on them anyway. False skips their forward and backward passes.
     train_tied_groups: bool = True

@@ -19,9 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from raydraft.algorithms.diffusion_nft import DiffusionNFT
-from raydraft.algorithms.draft import DRaFT
-from raydraft.algorithms.flow_grpo import FlowGRPO
+from raydraft.algorithms.base import Algorithm
 from raydraft.config import ExperimentConfig
 from raydraft.ema import EMA
 from raydraft.models.base import Policy
@@ -44,7 +42,7 @@ class Learner:
         self,
         cfg: ExperimentConfig,
         policy: Policy,
-        algorithm: DRaFT | FlowGRPO | DiffusionNFT,
+        algorithm: Algorithm,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -67,16 +65,11 @@ class Learner:
         """Train on one iteration's rollout; the policy's version advances by one."""
         cfg, algorithm, policy = self.cfg, self.algorithm, self.policy
         start = time.perf_counter()
-        if algorithm.scores_rollouts:
-            generator = iteration_generator(cfg.seed, result.iteration, UPDATE)
-            updates, plan_stats = algorithm.plan_updates(
-                result.rollout, result.rewards, result.valid, cfg.learner.minibatch_size,
-                cfg.learner.grad_accum_steps, generator,
-            )  # fmt: skip
-        else:
-            updates, plan_stats = algorithm.plan_updates(
-                result.rollout, cfg.learner.minibatch_size, cfg.learner.grad_accum_steps
-            )
+        generator = iteration_generator(cfg.seed, result.iteration, UPDATE)
+        updates, plan_stats = algorithm.plan_updates(
+            result.rollout, result.rewards, result.valid, cfg.learner.minibatch_size,
+            cfg.learner.grad_accum_steps, generator,
+        )  # fmt: skip
         lr = scheduled_lr(cfg, result.iteration)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr

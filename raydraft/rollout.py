@@ -13,9 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from raydraft.algorithms.diffusion_nft import DiffusionNFT, NFTRollout
-from raydraft.algorithms.draft import DRaFT, DraftBatch
-from raydraft.algorithms.flow_grpo import FlowGRPO, GRPORollout
+from raydraft.algorithms.base import Algorithm
 from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Policy
 from raydraft.rewards.base import Reward, component_scores, score_or_drop
@@ -37,7 +35,7 @@ class RolloutResult(Rows):
 
     iteration: int
     policy_version: int
-    rollout: GRPORollout | NFTRollout | DraftBatch
+    rollout: Rows  # the algorithm's rollout batch
     records: list[dict[str, Any]]  # one row per sample for the rollout log
     rewards: torch.Tensor | None = None  # (B,), black-box rewards only
     valid: torch.Tensor | None = None  # (B,) bool: False where a bad reward was dropped
@@ -62,7 +60,7 @@ class RolloutResult(Rows):
 
 
 def generate(
-    algorithm: DRaFT | FlowGRPO | DiffusionNFT,
+    algorithm: Algorithm,
     policy: Policy,
     reward: Reward | None,
     batch: PromptBatch,

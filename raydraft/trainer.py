@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from raydraft.build import build_algorithm, build_policy, needs_reference
+from raydraft.build import build_algorithm, build_policy
 from raydraft.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from raydraft.config import DraftConfig, ExperimentConfig
+from raydraft.config import ExperimentConfig
 from raydraft.data.prompts import PromptStream, load_prompts, load_prompts_with_metadata
 from raydraft.ema import EMA
 from raydraft.evaluation import evaluate, format_table
@@ -66,7 +66,7 @@ class LocalEngine:
 
     def __init__(self, cfg: ExperimentConfig, policy: Policy | None = None) -> None:
         self.cfg = cfg
-        self.policy = policy or build_policy(cfg.model, needs_reference(cfg))
+        self.policy = policy or build_policy(cfg.model, cfg.algorithm.needs_reference)
         self.reward = build_reward(cfg.rewards)
         self.algorithm = build_algorithm(cfg, self.policy, self.reward)
         self.prompts = prompt_stream(cfg)
@@ -246,7 +246,7 @@ class Trainer:
 
 
 def prompt_stream(cfg: ExperimentConfig) -> PromptStream:
-    group_size = 1 if isinstance(cfg.algorithm, DraftConfig) else cfg.algorithm.group_size
+    group_size = cfg.algorithm.group_size
     prompts, metadata = load_prompts_with_metadata(cfg.data.prompts)
     return PromptStream(
         prompts, cfg.data.prompts_per_step, group_size, cfg.seed, cfg.data.shuffle, metadata

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raydraft.algorithms.flow_grpo import group_advantages
+from raydraft.algorithms.group_relative import group_advantages
 from raydraft.config import RewardsConfig
 from raydraft.rewards.base import BadRewardError, CompositeReward, checked_score, score_or_drop
 from raydraft.rewards.registry import build_reward, make_reward

@@ -15,12 +15,8 @@ import torch
 from analytic_policies import LinearPolicy, QuadraticReward, grouped_batch, random_weights
 from torch.testing import assert_close
 
-from raydraft.algorithms.flow_grpo import (
-    FlowGRPO,
-    clipped_surrogate,
-    gaussian_kl,
-    group_advantages,
-)
+from raydraft.algorithms.flow_grpo import FlowGRPO, clipped_surrogate, gaussian_kl
+from raydraft.algorithms.group_relative import group_advantages
 from raydraft.config import FlowGRPOConfig, SamplerConfig
 from raydraft.models.flow_schedule import flow_sigmas
 from raydraft.sampling.flow import sde_step_with_logprob

@@ -16,7 +16,8 @@ from tiny_models import PROMPTS, SEEDS, check_lora_export, pipeline_images, save
 
 from raydraft.config import LoraConfig, ModelConfig, SamplerConfig
 from raydraft.models.base import Policy
-from raydraft.models.sd3 import DEFAULT_LORA_TARGETS, SD3Policy
+from raydraft.models.sd3 import SD3Policy
+from raydraft.models.trainable import JOINT_ATTENTION_LORA_TARGETS
 from raydraft.sampling.loop import sample_images
 from raydraft.sampling.samplers import build_sampler
 
@@ -211,7 +212,7 @@ def test_lora_trains_only_the_adapter(model_dir):
         "add_v_proj",
         "to_add_out",
     }  # Flow-GRPO's SD3 set: image-stream and text-stream (joint) attention
-    assert set(DEFAULT_LORA_TARGETS) == flow_grpo
+    assert set(JOINT_ATTENTION_LORA_TARGETS) == flow_grpo
     for target in flow_grpo:
         assert any(f".{target}.lora_A" in n for n in named), target
     assert any(".attn2." in n for n in named)  # SD3.5's dual attention too

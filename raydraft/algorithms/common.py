@@ -25,15 +25,10 @@ def split_minibatches(
     return list(order.split(minibatch_size))
 
 
-def group(items: list, size: int) -> list[list]:
-    """Consecutive groups of `size` (the last may be shorter): micro-batches per optimizer step."""
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def rows_of_clean_groups(prompt_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: rows whose whole group kept its reward. A dropped (bad) reward takes its
-    group with it, since the group's baseline would be wrong without it."""
-    return ~torch.isin(prompt_ids, torch.unique(prompt_ids[~valid]))
+def optimizer_steps(micro_batches: list, size: int) -> list[list]:
+    """Consecutive runs of `size` micro-batches (the last may be shorter), one per optimizer
+    step."""
+    return [micro_batches[i : i + size] for i in range(0, len(micro_batches), size)]
 
 
 def plan_minibatches(
@@ -53,5 +48,7 @@ def plan_minibatches(
             micro_batches(rows[part])
             for part in split_minibatches(len(rows), minibatch_size, generator)
         ]
-        updates += [[b for mb in chunk for b in mb] for chunk in group(micro, grad_accum_steps)]
+        updates += [
+            [b for mb in chunk for b in mb] for chunk in optimizer_steps(micro, grad_accum_steps)
+        ]
     return updates

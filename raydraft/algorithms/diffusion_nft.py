@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from raydraft.algorithms.common import plan_minibatches
-from raydraft.algorithms.flow_grpo import trainable_rows
-from raydraft.config import DiffusionNFTConfig
+from raydraft.algorithms.group_relative import reference_penalty, trainable_rows
+from raydraft.config import DiffusionNFTConfig, ExperimentConfig
 from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
+from raydraft.rewards.base import Reward
 from raydraft.rows import Rows
 from raydraft.sampling.loop import StepNoise, denoise
 from raydraft.sampling.samplers import Sampler
@@ -92,6 +93,10 @@ class DiffusionNFT:
         self.model_times = torch.tensor(
             [sampler.model_time(i) for i in range(sampler.num_steps)], dtype=torch.float32
         )
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, sampler: Sampler, reward: Reward | None) -> DiffusionNFT:
+        return cls(cfg.algorithm, sampler, cfg.sampler.guidance_scale)
 
     @torch.no_grad()
     def rollout(self, policy: Policy, batch: PromptBatch, generator: torch.Generator) -> NFTRollout:
@@ -203,10 +208,9 @@ class DiffusionNFT:
             "policy_loss": float(loss.detach()),
             "old_deviation": float(((out.detach() - old) ** 2).mean()),
         }
-        if self.cfg.kl_beta > 0:
-            with torch.no_grad(), policy.reference():
-                ref = policy.predict(batch.x_t, times, batch.cond, self.guidance)
-            kl = ((out.float() - ref.float()) ** 2).flatten(1).mean(1).mean()
-            loss = loss + self.cfg.kl_beta * kl
-            stats["kl_ref"] = float(kl.detach())
+        loss = reference_penalty(
+            loss, stats, self.cfg.kl_beta, policy,
+            lambda: policy.predict(batch.x_t, times, batch.cond, self.guidance),
+            lambda ref: ((out.float() - ref.float()) ** 2).flatten(1).mean(1),
+        )  # fmt: skip
         return loss, stats

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raydraft.algorithms.common import group, split_minibatches
-from raydraft.config import DraftConfig
+from raydraft.algorithms.common import optimizer_steps, split_minibatches
+from raydraft.config import DraftConfig, ExperimentConfig
 from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
 from raydraft.rewards.base import Reward, component_scores, score_or_drop
@@ -66,6 +66,13 @@ class DRaFT:
         self.guidance = guidance
         self.checkpoint = checkpoint
         self.drop_bad_rewards = drop_bad_rewards
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, sampler: Sampler, reward: Reward | None) -> DRaFT:
+        algorithm = cfg.algorithm
+        drop_bad = cfg.rewards.on_bad_reward == "drop"
+        return cls(algorithm, sampler, reward, cfg.sampler.guidance_scale,
+                   algorithm.checkpoint_each_step, drop_bad)  # fmt: skip
 
     def plan(self, generator: torch.Generator) -> tuple[int, str]:
         """(first gradient step, mode) for this iteration."""
@@ -152,8 +159,15 @@ class DRaFT:
         return -kept.mean(), stats
 
     def plan_updates(
-        self, rollout: DraftBatch, minibatch_size: int, grad_accum_steps: int
+        self,
+        rollout: DraftBatch,
+        rewards: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        minibatch_size: int,
+        grad_accum_steps: int,
+        generator: torch.Generator,
     ) -> tuple[list[list[DraftBatch]], dict[str, float]]:
-        """Optimizer steps, each a list of micro-batches whose gradients are averaged."""
+        """Optimizer steps over the rollout in order (its reward is in the loss: `rewards`
+        is None, and nothing is shuffled)."""
         parts = split_minibatches(len(rollout), minibatch_size, None)
-        return group([rollout.select(i) for i in parts], grad_accum_steps), {}
+        return optimizer_steps([rollout.select(i) for i in parts], grad_accum_steps), {}

@@ -17,58 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from raydraft.algorithms.common import plan_minibatches, rows_of_clean_groups
-from raydraft.config import FlowGRPOConfig, SamplerConfig
+from raydraft.algorithms.common import plan_minibatches
+from raydraft.algorithms.group_relative import reference_penalty, trainable_rows
+from raydraft.config import ExperimentConfig, FlowGRPOConfig, SamplerConfig
 from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Conditioning, Policy
+from raydraft.rewards.base import Reward
 from raydraft.rows import Rows
 from raydraft.sampling.loop import StepNoise, denoise, predict
 from raydraft.sampling.samplers import Sampler
 from raydraft.sampling.trajectory import Trajectory
 from raydraft.seeds import SDE_NOISE
-
-
-def group_advantages(
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    global_std: bool = False,
-    eps: float = 1e-4,
-    clip: float = 5.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, zero-std mask) for rewards grouped by prompt; population std as flow_grpo."""
-    rewards = rewards.double()
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    count = torch.bincount(inverse).double()
-    mean = torch.bincount(inverse, rewards) / count
-    centred = rewards - mean[inverse]
-    group_var = torch.bincount(inverse, centred**2) / count
-    std = rewards.std(correction=0).expand_as(rewards) if global_std else group_var.sqrt()[inverse]
-    advantages = (centred / (std + eps)).clamp(-clip, clip)
-    zero_std = (group_var == 0)[inverse]
-    advantages = torch.where(zero_std, torch.zeros_like(advantages), advantages)
-    return advantages.float(), zero_std
-
-
-def trainable_rows(
-    rewards: torch.Tensor,
-    prompt_ids: torch.Tensor,
-    valid: torch.Tensor,
-    global_std: bool,
-    clip: float,
-    keep_ties: bool,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(advantages, the rows to train on, their statistics). A dropped (bad) reward takes
-    its group with it; groups whose rewards all tie have zero advantage and stay only if
-    `keep_ties`."""
-    clean = rows_of_clean_groups(prompt_ids, valid)
-    advantages, zero_std = group_advantages(rewards, prompt_ids, global_std, clip=clip)
-    rows = (clean if keep_ties else clean & ~zero_std).nonzero().flatten()
-    stats = {
-        "zero_std_fraction": float(zero_std[clean].float().mean()) if clean.any() else 0.0,
-        "bad_reward_dropped": float((~valid).sum()),
-        "samples_trained": float(len(rows)),
-    }
-    return advantages, rows, stats
 
 
 def clipped_surrogate(
@@ -145,6 +104,10 @@ class FlowGRPO:
         self.sampler = sampler
         self.sampler_cfg = sampler_cfg
         self.guidance = guidance
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, sampler: Sampler, reward: Reward | None) -> FlowGRPO:
+        return cls(cfg.algorithm, sampler, cfg.sampler, cfg.sampler.guidance_scale)
 
     @torch.no_grad()
     def rollout(
@@ -229,11 +192,13 @@ class FlowGRPO:
             "clipfrac": float(clipped.float().mean()),
             "approx_kl": float(0.5 * (log_ratio**2).mean()),
         }
-        if self.cfg.kl_beta > 0:
-            with torch.no_grad(), policy.reference():
-                ref_out = predict(policy, batch.x, t, batch.cond, self.guidance, checkpoint=False)
-                ref = sampler.step(ref_out, batch.x, j, stochastic=True, prev_sample=batch.x_next)
-            kl = gaussian_kl(step.mean, ref.mean, step.std).mean()
-            loss = loss + self.cfg.kl_beta * kl
-            stats["kl_ref"] = float(kl.detach())
+
+        def reference_step():
+            out = predict(policy, batch.x, t, batch.cond, self.guidance, checkpoint=False)
+            return sampler.step(out, batch.x, j, stochastic=True, prev_sample=batch.x_next)
+
+        loss = reference_penalty(
+            loss, stats, self.cfg.kl_beta, policy, reference_step,
+            lambda ref: gaussian_kl(step.mean, ref.mean, step.std),
+        )  # fmt: skip
         return loss, stats

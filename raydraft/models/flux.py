@@ -24,7 +24,7 @@ from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, guided_prediction
 from raydraft.models.flow_schedule import pipeline_sigmas
 from raydraft.models.pipeline import PipelinePolicy
-from raydraft.models.sd3 import DEFAULT_LORA_TARGETS
+from raydraft.models.trainable import JOINT_ATTENTION_LORA_TARGETS
 
 
 class FluxPolicy(PipelinePolicy):
@@ -33,7 +33,7 @@ class FluxPolicy(PipelinePolicy):
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     # The double-stream blocks' joint attention (the single-stream blocks' q/k/v too).
-    lora_targets = DEFAULT_LORA_TARGETS
+    lora_targets = JOINT_ATTENTION_LORA_TARGETS
 
     def __init__(
         self, pipe: FluxPipeline, model_cfg: ModelConfig, keep_reference: bool = False

@@ -17,18 +17,7 @@ from raydraft.config import ModelConfig
 from raydraft.models.base import Conditioning, guided_prediction
 from raydraft.models.flow_schedule import pipeline_sigmas
 from raydraft.models.pipeline import PipelinePolicy
-
-# Flow-GRPO's SD3 LoRA targets: the image-stream and the text-stream (joint) attention.
-DEFAULT_LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-)
+from raydraft.models.trainable import JOINT_ATTENTION_LORA_TARGETS
 
 
 class SD3Policy(PipelinePolicy):
@@ -36,7 +25,7 @@ class SD3Policy(PipelinePolicy):
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusion3Pipeline
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    lora_targets = DEFAULT_LORA_TARGETS
+    lora_targets = JOINT_ATTENTION_LORA_TARGETS  # Flow-GRPO's SD3 targets
 
     def __init__(
         self, pipe: StableDiffusion3Pipeline, model_cfg: ModelConfig, keep_reference: bool = False

@@ -18,6 +18,19 @@ from raydraft.config import LoraConfig, ModelConfig
 from raydraft.models.lora import adapters_disabled, add_lora, load_lora_state, lora_state
 from raydraft.sharding import gather, load_full_state, shard_module
 
+# MM-DiT joint attention (SD3's blocks, FLUX's double-stream blocks): the image stream's
+# projections and the text stream's added ones.
+JOINT_ATTENTION_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+
 
 class TrainableDenoiser:
     def __init__(

@@ -1,0 +1,59 @@
+"""The Algorithm contract: what the trainer, the learner and the Ray layer call, the same
+for every algorithm, so none of them asks which algorithm it runs.
+
+A new algorithm is:
+1. a config class in `raydraft/config.py` (`name: Literal["..."]`, added to
+   `AlgorithmConfig`) that answers `group_size` (samples per prompt) and
+   `needs_reference` (whether the loss evaluates the frozen base model);
+2. one module in `raydraft/algorithms/` with a class that follows `Algorithm` below, its
+   rollout and minibatch types (`raydraft.rows.Rows` dataclasses with `prompts` and
+   `images`), and random draws from the streams of `raydraft.seeds`;
+3. its line in `raydraft.build.ALGORITHMS`;
+4. its tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from raydraft.config import ExperimentConfig
+from raydraft.data.prompts import PromptBatch
+from raydraft.models.base import Policy
+from raydraft.rewards.base import Reward
+from raydraft.sampling.samplers import Sampler
+
+
+class Algorithm(Protocol):
+    # True: black-box rewards score the rollout's images before the update (the rewards
+    # live with the rollout workers, or behind Serve). False: the reward is part of
+    # `loss` (DRaFT), and `build` is given it.
+    scores_rollouts: ClassVar[bool]
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, sampler: Sampler, reward: Reward | None) -> Algorithm: ...
+
+    def rollout(self, policy: Policy, batch: PromptBatch, generator: torch.Generator) -> Any:
+        """Samples for `batch` without gradients, as a `Rows` batch with `prompts` and
+        `images`; `generator` is the iteration's ROLLOUT stream."""
+        ...
+
+    def plan_updates(
+        self,
+        rollout: Any,
+        rewards: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        minibatch_size: int,
+        grad_accum_steps: int,
+        generator: torch.Generator,
+    ) -> tuple[list[list[Any]], dict[str, float]]:
+        """Optimizer steps, each a list of micro-batches whose gradients are averaged, and
+        statistics of the plan. `rewards` / `valid` are the rollout's black-box scores
+        (None when the reward is in the loss); `generator` is the iteration's UPDATE
+        stream."""
+        ...
+
+    def loss(self, policy: Policy, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's loss to minimise, and statistics to log."""
+        ...
