@@ -38,11 +38,10 @@ from actors.weight_sync import (
     unresponsive,
     weight_sync_for,
 )
-from raydraft.build import build_policy
+from raydraft.build import build_policy, prompt_stream
 from raydraft.config import ExperimentConfig, reward_serving_for
 from raydraft.data.prompts import PromptBatch
 from raydraft.rollout import RolloutResult
-from raydraft.trainer import prompt_stream
 
 MAX_REISSUES = 5
 

@@ -6,6 +6,7 @@ import importlib
 
 from raydraft.algorithms.base import Algorithm
 from raydraft.config import ExperimentConfig, ModelConfig
+from raydraft.data.prompts import PromptStream, load_prompts_with_metadata
 from raydraft.models.base import Policy
 from raydraft.rewards.base import Reward
 from raydraft.sampling.samplers import Sampler, build_sampler
@@ -50,3 +51,18 @@ def build_algorithm(
     (None where only `rollout` runs)."""
     sampler = sampler or build_sampler(cfg.sampler, policy)
     return algorithm_class(cfg).build(cfg, sampler, reward)
+
+
+def prompt_stream(cfg: ExperimentConfig) -> PromptStream:
+    group_size = cfg.algorithm.group_size
+    prompts, metadata = load_prompts_with_metadata(cfg.data.prompts)
+    return PromptStream(
+        prompts, cfg.data.prompts_per_step, group_size, cfg.seed, cfg.data.shuffle, metadata
+    )
+
+
+def eval_sampler(cfg: ExperimentConfig, policy: Policy) -> Sampler:
+    """The deterministic sampler (ODE / DDIM eta 0) at the evaluation step count."""
+    kind = {"kind": "ode"} if policy.prediction_type == "flow" else {"noise_level": 0.0}
+    sampler_cfg = cfg.sampler.model_copy(update=kind)
+    return build_sampler(sampler_cfg, policy, cfg.sampler.eval_num_steps)

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from raydraft.ema import EMA
+from raydraft.models.base import Policy
+
 _PREFIX = "step-"
 
 
@@ -93,3 +96,21 @@ def load_checkpoint(
         groups.setdefault(group, {})[name] = value
     optimizer = _unflatten_optimizer(groups.pop("optimizer", {}), state.pop("optimizer"))
     return groups, optimizer, state
+
+
+def load_for_inference(policy: Policy, run_dir: str | Path) -> int:
+    """The newest checkpoint's weights into `policy` (its EMA weights when it kept them)."""
+    tensors, _, state = load_checkpoint(newest_checkpoint(Path(run_dir) / "checkpoints"))
+    policy.load_trainable(tensors["trainable"], state["policy_version"])
+    if "ema" in tensors:
+        ema = EMA(policy.trainable_parameters(), decay=0.5)
+        ema.load_state_dict(tensors["ema"])
+        ema.copy_to_parameters()
+    return state["step"]
+
+
+def newest_checkpoint(root: Path) -> Path:
+    found = list_checkpoints(root)
+    if not found:
+        raise FileNotFoundError(f"{root}: no checkpoint to resume from")
+    return found[-1]

@@ -105,10 +105,10 @@ def evaluate(args: argparse.Namespace) -> int:
     """GenEval-style table of the base model, and of a run's newest checkpoint if given."""
     import json
 
-    from raydraft.build import build_policy
+    from raydraft.build import build_policy, eval_sampler
+    from raydraft.checkpoint import load_for_inference
     from raydraft.evaluation import evaluate as run_eval
     from raydraft.evaluation import format_table
-    from raydraft.trainer import eval_sampler, load_for_inference
 
     run_dir = Path(args.run_dir) if args.run_dir else None
     source = run_dir / "config.yaml" if run_dir else args.config
@@ -132,10 +132,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def sample(args: argparse.Namespace) -> int:
     """Images for prompts with the deterministic sampler: a base model or a run's weights."""
-    from raydraft.build import build_policy
+    from raydraft.build import build_policy, eval_sampler
+    from raydraft.checkpoint import load_for_inference
     from raydraft.run_dir import image_grid
     from raydraft.sampling.loop import sample_images
-    from raydraft.trainer import eval_sampler, load_for_inference
 
     run_dir = Path(args.run_dir) if args.run_dir else None
     cfg = load_config(run_dir / "config.yaml" if run_dir else args.config, args.overrides)

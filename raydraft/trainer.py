@@ -18,11 +18,10 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from raydraft.build import build_algorithm, build_policy
-from raydraft.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from raydraft.build import build_algorithm, build_policy, eval_sampler, prompt_stream
+from raydraft.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
 from raydraft.config import ExperimentConfig
-from raydraft.data.prompts import PromptStream, load_prompts, load_prompts_with_metadata
-from raydraft.ema import EMA
+from raydraft.data.prompts import load_prompts
 from raydraft.evaluation import evaluate, format_table
 from raydraft.learner import Learner
 from raydraft.metrics import MetricsExporter
@@ -32,7 +31,6 @@ from raydraft.rewards.registry import build_reward
 from raydraft.rollout import RolloutResult, generate
 from raydraft.run_dir import RunDirectory
 from raydraft.sampling.loop import sample_images
-from raydraft.sampling.samplers import Sampler, build_sampler
 
 SAMPLE_GRID_SIZE = 8
 
@@ -236,21 +234,13 @@ class Trainer:
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
         """Restore the newest checkpoint of this run (or `checkpoint`); returns its step."""
-        path = Path(checkpoint) if checkpoint else _newest(self.run.checkpoints)
+        path = Path(checkpoint) if checkpoint else newest_checkpoint(self.run.checkpoints)
         tensors, optimizer, state = load_checkpoint(path)
         self.engine.load_state(tensors, optimizer, state)
         torch.set_rng_state(tensors["rng"]["torch"])
         self.step = state["step"]
         self.run.truncate_after(self.step)
         return self.step
-
-
-def prompt_stream(cfg: ExperimentConfig) -> PromptStream:
-    group_size = cfg.algorithm.group_size
-    prompts, metadata = load_prompts_with_metadata(cfg.data.prompts)
-    return PromptStream(
-        prompts, cfg.data.prompts_per_step, group_size, cfg.seed, cfg.data.shuffle, metadata
-    )
 
 
 def iteration_metrics(
@@ -269,28 +259,3 @@ def iteration_metrics(
             "time_step_s": now - start,
         }
     )
-
-
-def eval_sampler(cfg: ExperimentConfig, policy: Policy) -> Sampler:
-    """The deterministic sampler (ODE / DDIM eta 0) at the evaluation step count."""
-    kind = {"kind": "ode"} if policy.prediction_type == "flow" else {"noise_level": 0.0}
-    sampler_cfg = cfg.sampler.model_copy(update=kind)
-    return build_sampler(sampler_cfg, policy, cfg.sampler.eval_num_steps)
-
-
-def load_for_inference(policy: Policy, run_dir: str | Path) -> int:
-    """The newest checkpoint's weights into `policy` (its EMA weights when it kept them)."""
-    tensors, _, state = load_checkpoint(_newest(Path(run_dir) / "checkpoints"))
-    policy.load_trainable(tensors["trainable"], state["policy_version"])
-    if "ema" in tensors:
-        ema = EMA(policy.trainable_parameters(), decay=0.5)
-        ema.load_state_dict(tensors["ema"])
-        ema.copy_to_parameters()
-    return state["step"]
-
-
-def _newest(root: Path) -> Path:
-    found = list_checkpoints(root)
-    if not found:
-        raise FileNotFoundError(f"{root}: no checkpoint to resume from")
-    return found[-1]

@@ -9,6 +9,7 @@ import torch
 from overrides import SMALL
 
 from raydraft.build import build_policy
+from raydraft.checkpoint import load_for_inference
 from raydraft.cli import main
 from raydraft.config import DEFAULT_CONFIG, ConfigError, load_config
 from raydraft.data.shapes import CATEGORIES
@@ -16,7 +17,7 @@ from raydraft.learner import scheduled_lr
 from raydraft.rewards.base import CompositeReward
 from raydraft.rewards.registry import make_reward
 from raydraft.rollout import generate
-from raydraft.trainer import Trainer, load_for_inference
+from raydraft.trainer import Trainer
 
 GRPO = ["algorithm.group_size=4", *SMALL]
 GROUPED = ("toy-flowgrpo", "toy-nft")  # configs whose prompts come in groups
