@@ -54,11 +54,13 @@ def build_algorithm(
 
 
 def prompt_stream(cfg: ExperimentConfig) -> PromptStream:
-    group_size = cfg.algorithm.group_size
+    """The run's prompt batches: `data.prompts_per_step` prompts, each repeated for the
+    algorithm's group."""
     prompts, metadata = load_prompts_with_metadata(cfg.data.prompts)
     return PromptStream(
-        prompts, cfg.data.prompts_per_step, group_size, cfg.seed, cfg.data.shuffle, metadata
-    )
+        prompts, cfg.data.prompts_per_step, cfg.algorithm.group_size, cfg.seed,
+        cfg.data.shuffle, metadata,
+    )  # fmt: skip
 
 
 def eval_sampler(cfg: ExperimentConfig, policy: Policy) -> Sampler:
