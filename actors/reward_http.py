@@ -36,6 +36,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def sha256_hex(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def token_digest(http: RewardHttpConfig) -> str | None:
     """sha256 of the token in `http.token_env` (the replica keeps only the digest), None
     without one; bound wider than loopback, a token is required."""
@@ -45,7 +49,7 @@ def token_digest(http: RewardHttpConfig) -> str | None:
             f"ray.reward_http.host={http.host!r} is not loopback: set a token in the "
             f"environment variable {http.token_env} (ray.reward_http.token_env) first"
         )
-    return hashlib.sha256(token.encode()).hexdigest() if token else None
+    return sha256_hex(token) if token else None
 
 
 class RewardHttpIngress:
@@ -72,8 +76,7 @@ class RewardHttpIngress:
         if self.digest is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.digest):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sha256_hex(token), self.digest):
             raise PayloadError(401, "missing or wrong bearer token")
 
     async def _route(self, request: Request) -> Response:

@@ -5,14 +5,28 @@ setting named it and how to fetch them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+def from_local(loader: Any, path: str | Path, key: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained(path)` from local files only, or `not_loadable`'s error for
+    the setting `key`."""
+    try:
+        return loader.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise not_loadable(str(path), loader, err, key) from None
+
+
+def first_line(err: Exception) -> str:
+    """An exception's reason in one line (its type when it has no message)."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def not_loadable(path: str, loaded: type, err: Exception, key: str) -> FileNotFoundError:
     """The error for `key` naming `path`, from which `loaded` could not be loaded: the
     loader's first line of reason and how to fetch the weights."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return FileNotFoundError(
-        f"{key} {path!r}: cannot load a {loaded.__name__} from it ({reason}). The weights "
+        f"{key} {path!r}: cannot load a {loaded.__name__} from it ({first_line(err)}). The weights "
         "must be present locally (a directory saved with save_pretrained, or a hub id already "
         f"in the cache): raydraft never downloads them. {fetch_hint(path, key)}"
     )

@@ -32,6 +32,17 @@ class Reward(Protocol):
     ) -> torch.Tensor: ...
 
 
+def reward_device(device: str | torch.device | None) -> torch.device:
+    """Where a reward model runs: `device`, else the GPU when there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def grad_if(differentiable: bool) -> torch.set_grad_enabled:
+    """Gradients for a differentiable reward when the caller records them (DRaFT's loss);
+    none for a black-box one, whatever the caller records."""
+    return torch.set_grad_enabled(differentiable and torch.is_grad_enabled())
+
+
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """NCHW floats in [0, 1] -> NHWC uint8, the pixels a black-box reward (or a PNG) sees."""
     pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8)

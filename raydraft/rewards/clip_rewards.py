@@ -32,7 +32,8 @@ try:  # the PIL processor by name (transformers 5); in transformers 4 the defaul
 except ImportError:
     from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
-from raydraft.local_weights import not_loadable
+from raydraft.local_weights import from_local
+from raydraft.rewards.base import grad_if, reward_device
 from raydraft.rewards.preprocess import processor_pixels, tensor_pixels
 from raydraft.rewards.registry import register_reward
 
@@ -42,10 +43,7 @@ MAX_TOKENS = 77  # CLIP's text context
 def load_local(reward: str, loader: Any, path: str, option: str = "path") -> Any:
     """`loader.from_pretrained(path)` from local files only, or one error naming the
     reward, the option, the path and how to fetch the weights."""
-    try:
-        return loader.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise not_loadable(path, loader, err, f"reward {reward!r}: options.{option}") from None
+    return from_local(loader, path, f"reward {reward!r}: options.{option}")
 
 
 def projected(features: Any) -> torch.Tensor:
@@ -73,7 +71,7 @@ class LocalClip:
         dtype: str = "float32",
         option: str = "path",
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = reward_device(device)
         self.dtype = getattr(torch, dtype)
         processor_path = processor_path or path
         processor_option = "processor_path" if processor_path != path else option
@@ -130,7 +128,7 @@ class ClipReward(LocalClip):
         return pixels.to(self.device, self.dtype)
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
-        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+        with grad_if(self.differentiable):
             return self._score(images, prompts).float().to(images.device)
 
     def _score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from raydraft.rewards.base import to_pil
+from raydraft.rewards.base import reward_device, to_pil
 from raydraft.rewards.detectors import (
     COLORS,
     ClipColorClassifier,
@@ -378,7 +378,7 @@ class GenEvalReward:
             if not value:
                 raise ValueError(f"reward 'geneval' needs options.{option} ({what})")
         self.only_strict = only_strict
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = reward_device(device)
         self.detector: Detector = Mask2FormerDetector(self.name, path, self.device)
         self.colors = ClipColorClassifier(self.name, clip_path, self.device)
         self.last_results: list[GenEvalResult] = []
@@ -422,7 +422,7 @@ class GenEvalReward:
             geneval_rules(spec, found, partial(self._classify, image))
             for spec, found, image in zip(specs, detections, pil, strict=True)
         ]
-        scores = [float(r.strict) if self.only_strict else r.score for r in self.last_results]
         strict = [float(r.strict) for r in self.last_results]
+        scores = strict if self.only_strict else [r.score for r in self.last_results]
         self.last_details = {"strict": torch.tensor(strict, dtype=torch.float32)}
         return torch.tensor(scores, dtype=torch.float32, device=images.device)

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
-from raydraft.local_weights import not_loadable
-from raydraft.rewards.base import to_uint8_hwc
+from raydraft.local_weights import from_local
+from raydraft.rewards.base import grad_if, reward_device, to_uint8_hwc
 from raydraft.rewards.clip_rewards import MAX_TOKENS, load_local, projected, unit
 from raydraft.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, normalize
 from raydraft.rewards.registry import register_reward
@@ -291,7 +291,7 @@ class HPSv2:
             raise ValueError(f"reward 'hpsv2' needs options.path. {HOW_TO_CONVERT}")
         self.name = "hpsv2"
         self.differentiable = differentiable
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = reward_device(device)
         self.dtype = getattr(torch, dtype)
         try:
             model = load_local(self.name, CLIPModel, path)
@@ -323,19 +323,12 @@ class HPSv2:
 
     def score_tokens(self, images: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """The scores of images and already tokenized prompts."""
-        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+        with grad_if(self.differentiable):
             image, text = self.features(self.pixels(images), token_ids)
             return (image * text).sum(-1).float().to(images.device)
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
         return self.score_tokens(images, self.token_ids(prompts))
-
-
-def load_tokenizer(source: str) -> Any:
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise not_loadable(source, AutoTokenizer, err, "hpsv2 convert --tokenizer") from None
 
 
 def sha256(path: Path) -> str:
@@ -351,7 +344,10 @@ def convert_files(
 ) -> Path:
     """`save_converted` of an HPS checkpoint file (`{"state_dict": ...}` or a bare state
     dict), with the tokenizer from a directory or the hub cache."""
-    path, hf_tokenizer = Path(checkpoint), load_tokenizer(tokenizer)
+    path, hf_tokenizer = (
+        Path(checkpoint),
+        from_local(AutoTokenizer, tokenizer, "hpsv2 convert --tokenizer"),
+    )
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     state = loaded.get("state_dict", loaded)
     info = {

@@ -45,8 +45,8 @@ from transformers import (
     BlipVisionModel,
 )
 
-from raydraft.local_weights import not_loadable
-from raydraft.rewards.base import to_pil
+from raydraft.local_weights import first_line, from_local
+from raydraft.rewards.base import grad_if, reward_device, to_pil
 from raydraft.rewards.clip_rewards import aesthetic_head
 from raydraft.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, normalize, resized_shape
 from raydraft.rewards.registry import register_reward
@@ -219,10 +219,7 @@ def build_models(configs: Configs, states: States) -> tuple[BlipVisionModel, Bli
 
 def blip_tokenizer(source: str) -> BertTokenizer:
     """BERT's tokenizer from local files with BLIP's added tokens (`init_tokenizer`)."""
-    try:
-        tokenizer = BertTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise not_loadable(source, BertTokenizer, err, "convert --tokenizer") from None
+    tokenizer = from_local(BertTokenizer, source, "convert --tokenizer")
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tokenizer
@@ -260,10 +257,9 @@ def load_part(root: Path, part: str, loader: Any, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(root / part, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(
             f"reward {NAME!r}: options.path {str(root)!r}: cannot load a {loader.__name__} "
-            f"from its {part}/ ({reason}). {HOW_TO_FETCH}"
+            f"from its {part}/ ({first_line(err)}). {HOW_TO_FETCH}"
         ) from None
 
 
@@ -322,7 +318,7 @@ class ImageReward:
             )
         root = Path(path)
         self.differentiable = differentiable
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = reward_device(device)
         self.dtype = getattr(torch, dtype)
         self.info = json.loads((root / "imagereward.json").read_text())
         self.vision = load_part(root, "vision", BlipVisionModel)
@@ -362,7 +358,7 @@ class ImageReward:
         return (raw - self.info["mean"]) / self.info["std"]
 
     def score(self, images, prompts, metadata) -> torch.Tensor:
-        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+        with grad_if(self.differentiable):
             rewards = self.rewards(self.pixels(images), self.tokens(prompts))
             return rewards.float().to(images.device)
 

@@ -80,7 +80,7 @@ except ImportError:
     from transformers import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
 from raydraft.local_weights import not_loadable
-from raydraft.rewards.base import to_pil
+from raydraft.rewards.base import reward_device, to_pil
 from raydraft.rewards.clip_rewards import load_local
 from raydraft.rewards.registry import register_reward
 
@@ -202,7 +202,7 @@ class TransformersEngine:
     """A Qwen2-VL-style model with its PIL image processor and tokenizer, inputs by hand."""
 
     def __init__(self, path: str, device: str | None = None, dtype: str = "float32") -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = reward_device(device)
         model = load_local(NAME, AutoModelForImageTextToText, path)
         self.model = model.to(self.device, getattr(torch, dtype)).eval()
         self.model.requires_grad_(False)
