@@ -9,7 +9,7 @@ import pytest
 CORE = Path(__file__).parents[1] / "raydraft"
 # Bottom to top: a module may import from lower layers and from its own unit only.
 LAYERS = [
-    {"seeds", "rows", "config", "local_weights", "sharding", "metrics"},
+    {"seeds", "rows", "config", "local_weights", "sharding", "metrics", "precision"},
     {"models", "data"},
     {"offload", "ema", "rewards", "sampling"},
     {"algorithms", "evaluation", "run_dir", "checkpoint", "report", "dashboards"},

@@ -1,6 +1,7 @@
 """Benchmarks: `raydraft bench NAME` prints ratios measured side by side in one run."""
 
 from raydraft.bench.draft_cost import run as draft_cost
+from raydraft.bench.gpu import run as gpu
 from raydraft.bench.sampler import run as sampler
 
-BENCHES = {"draft-cost": draft_cost, "sampler": sampler}
+BENCHES = {"draft-cost": draft_cost, "gpu": gpu, "sampler": sampler}

@@ -61,7 +61,7 @@ def build_flux_pipeline(size: str):
     """A FluxPipeline: `full` is FLUX.1-dev's transformer (19 double + 38 single blocks),
     VAE, CLIP-L and T5-XXL, about 17B weights (bf16 on a GPU)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     from raydraft.models.tokenizers import byte_clip_tokenizer, char_t5_tokenizer
 
@@ -79,20 +79,56 @@ def build_flux_pipeline(size: str):
         axes_dims_rope=(16, 56, 56) if full else (8, 12, 12),
     )
     tokenizer, tokenizer_2 = byte_clip_tokenizer(max_length=77), char_t5_tokenizer()
-    t5 = T5Config(
-        vocab_size=len(tokenizer_2), d_model=t5_width, d_kv=64 if full else 32,
-        d_ff=10240 if full else 256, num_layers=24 if full else 2,
-        num_heads=64 if full else 4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )  # fmt: skip
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     return FluxPipeline(
         scheduler=scheduler,
         vae=_vae(size, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
                  use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=CLIPTextModel(_clip_config(size, 768 if full else 64, tokenizer)),
-        tokenizer=tokenizer, text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
+        tokenizer=tokenizer, text_encoder_2=T5EncoderModel(_t5_config(size, tokenizer_2)),
+        tokenizer_2=tokenizer_2,
         transformer=transformer,
+    )  # fmt: skip
+
+
+def build_sd3_pipeline(size: str):
+    """A StableDiffusion3Pipeline: `full` is SD3.5 Medium's MM-DiT (24 blocks, dual
+    attention in the first 13, RMS qk-norm), its 16-channel VAE, CLIP-L, CLIP-G and
+    T5-XXL, about 8B weights."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from raydraft.models.tokenizers import byte_clip_tokenizer, char_t5_tokenizer
+
+    full = size == "full"
+    heads, head_dim = (24, 64) if full else (4, 32)
+    clip_l, clip_g = (768, 1280) if full else (64, 64)
+    transformer = SD3Transformer2DModel(
+        sample_size=128 if full else 16, patch_size=2, in_channels=16, out_channels=16,
+        num_layers=24 if full else 2, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=4096 if full else 128, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=clip_l + clip_g, pos_embed_max_size=384 if full else 32,
+        dual_attention_layers=tuple(range(13)) if full else (0,), qk_norm="rms_norm",
+    )  # fmt: skip
+    tokenizer, tokenizer_3 = byte_clip_tokenizer(max_length=77), char_t5_tokenizer()
+    encoders = {
+        name: CLIPTextModelWithProjection(
+            _clip_config(size, width, tokenizer, layers, heads, projection_dim=width)
+        )
+        for name, width, layers, heads in (
+            ("text_encoder", clip_l, 12, 12), ("text_encoder_2", clip_g, 32, 20)
+        )
+    }  # fmt: skip
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(size, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                 use_quant_conv=False, use_post_quant_conv=False),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, **encoders,
+        text_encoder_3=T5EncoderModel(_t5_config(size, tokenizer_3)), tokenizer_3=tokenizer_3,
     )  # fmt: skip
 
 
@@ -109,15 +145,29 @@ def _vae(size: str, **config):
     )
 
 
-def _clip_config(size: str, width: int, tokenizer):
+def _clip_config(size: str, width: int, tokenizer, layers: int = 12, heads: int = 12, **extra):
+    """CLIP-L's text tower at `full` (or CLIP-G's with 32 layers and 20 heads)."""
     from transformers import CLIPTextConfig
 
-    layers = 12 if size == "full" else 2
+    full = size == "full"
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
-        num_hidden_layers=layers, num_attention_heads=12 if size == "full" else 2,
+        num_hidden_layers=layers if full else 2, num_attention_heads=heads if full else 2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra,
+    )  # fmt: skip
+
+
+def _t5_config(size: str, tokenizer):
+    """T5-XXL's encoder at `full` (FLUX.1's and SD3's third text encoder)."""
+    from transformers import T5Config
+
+    full = size == "full"
+    return T5Config(
+        vocab_size=len(tokenizer), d_model=4096 if full else 128, d_kv=64 if full else 32,
+        d_ff=10240 if full else 256, num_layers=24 if full else 2,
+        num_heads=64 if full else 4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )  # fmt: skip
 
 
