@@ -19,8 +19,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from ray import serve
 
-from actors.cluster import connect
-from actors.reward_serving import deploy_rewards, remote_reward
 from raydraft.bench.machine import describe
 from raydraft.bench.reward_models import (
     CLIP_SIZES,
@@ -31,6 +29,8 @@ from raydraft.bench.reward_models import (
 from raydraft.bench.timing import median_seconds
 from raydraft.config import RewardsConfig, RewardServingConfig
 from raydraft.rewards.registry import build_reward
+from raydraft_ray.cluster import connect
+from raydraft_ray.reward_serving import deploy_rewards, remote_reward
 
 DEFAULTS = {
     "rewards": "pickscore,clipscore,aesthetic,hpsv2,imagereward,ocr",

@@ -19,23 +19,23 @@ import numpy as np
 import ray
 import torch
 
-from actors.broadcast_group import BroadcastGroup, plan_buckets
-from actors.cluster import connect, rendezvous_address
-from actors.engine import RayEngine
-from actors.learner import LearnerActor
-from actors.rollout_worker import RolloutWorker
-from actors.weight_sync import (
+from raydraft.bench.machine import describe
+from raydraft.config import load_config
+from raydraft.data.prompts import PromptBatch
+from raydraft.rollout import RolloutResult
+from raydraft.trainer import Trainer
+from raydraft_ray.broadcast_group import BroadcastGroup, plan_buckets
+from raydraft_ray.cluster import connect, rendezvous_address
+from raydraft_ray.engine import RayEngine
+from raydraft_ray.learner import LearnerActor
+from raydraft_ray.rollout_worker import RolloutWorker
+from raydraft_ray.weight_sync import (
     WEIGHTS_GROUP,
     CollectiveSync,
     ObjectStoreSync,
     WeightsMessage,
     from_message,
 )
-from raydraft.bench.machine import describe
-from raydraft.config import load_config
-from raydraft.data.prompts import PromptBatch
-from raydraft.rollout import RolloutResult
-from raydraft.trainer import Trainer
 
 DEFAULTS = {
     "steps": 6,

@@ -27,21 +27,21 @@ import ray
 from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.cluster import WORKER_FAILURES, failed_calls, wait_for_start
-from actors.learner import LearnerActor, LearnerGroup
-from actors.reward_serving import deploy_rewards, rewards_on_serve
-from actors.rollout_worker import RolloutWorker
-from actors.weight_sync import (
+from raydraft.build import build_policy, prompt_stream
+from raydraft.config import ExperimentConfig, reward_serving_for
+from raydraft.data.prompts import PromptBatch
+from raydraft.rollout import RolloutResult
+from raydraft_ray.cluster import WORKER_FAILURES, failed_calls, wait_for_start
+from raydraft_ray.learner import LearnerActor, LearnerGroup
+from raydraft_ray.reward_serving import deploy_rewards, rewards_on_serve
+from raydraft_ray.rollout_worker import RolloutWorker
+from raydraft_ray.weight_sync import (
     WEIGHTS_GROUP,
     BroadcastFailed,
     from_message,
     unresponsive,
     weight_sync_for,
 )
-from raydraft.build import build_policy, prompt_stream
-from raydraft.config import ExperimentConfig, reward_serving_for
-from raydraft.data.prompts import PromptBatch
-from raydraft.rollout import RolloutResult
 
 MAX_REISSUES = 5
 

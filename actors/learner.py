@@ -17,21 +17,21 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.broadcast_group import BroadcastGroup, Buckets, plan_buckets
-from actors.cluster import actor_threads, rendezvous_address, wait_for_start
-from actors.reward_serving import remote_reward
-from actors.weight_sync import WeightsMessage, to_message
 from raydraft.build import algorithm_class, build_algorithm, build_policy
-from raydraft.config import ExperimentConfig
+from raydraft.config import ExperimentConfig, build_config
 from raydraft.learner import Learner
 from raydraft.rewards.registry import build_reward
 from raydraft.rollout import RolloutResult
 from raydraft.sharding import gather
+from raydraft_ray.broadcast_group import BroadcastGroup, Buckets, plan_buckets
+from raydraft_ray.cluster import actor_threads, rendezvous_address, wait_for_start
+from raydraft_ray.reward_serving import remote_reward
+from raydraft_ray.weight_sync import WeightsMessage, to_message
 
 
 class LearnerActor:
     def __init__(self, cfg: dict, rank: int, world_size: int) -> None:
-        self.cfg = ExperimentConfig.model_validate(cfg)
+        self.cfg = build_config(cfg, "the driver's config")
         ray_cfg = self.cfg.ray
         torch.set_num_threads(actor_threads(ray_cfg.learner_cpus, ray_cfg.torch_threads))
         torch.manual_seed(self.cfg.seed)

@@ -20,9 +20,9 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from actors.reward_serving import RemoteReward, deploy_rewards
 from raydraft.config import ConfigError, ExperimentConfig, RewardHttpConfig, reward_serving_for
 from raydraft.rewards.http_reward import PayloadError, PayloadLimits, decode_request, encode_scores
+from raydraft_ray.reward_serving import RemoteReward, deploy_rewards
 
 INGRESS_APP = "raydraft-reward-http"
 

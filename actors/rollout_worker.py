@@ -1,6 +1,6 @@
 """RolloutWorker: a policy copy that turns prompt batches into (scored) rollouts.
 
-Weights arrive two ways (`actors.weight_sync`): `set_weights` in call order with the
+Weights arrive two ways (`raydraft_ray.weight_sync`): `set_weights` in call order with the
 batches (object store), or `receive_weights` on the worker's weights thread (broadcast
 group), staged and applied before the next batch: a sample is never resumed halfway
 under new weights.
@@ -14,15 +14,15 @@ import threading
 import ray
 import torch
 
-from actors.broadcast_group import BroadcastGroup, Buckets
-from actors.cluster import actor_threads
-from actors.reward_serving import remote_reward
-from actors.weight_sync import WEIGHTS_GROUP, WeightsMessage, from_message
 from raydraft.build import build_algorithm, build_policy
-from raydraft.config import ExperimentConfig
+from raydraft.config import build_config
 from raydraft.data.prompts import PromptBatch
 from raydraft.offload import move_policy, release_cached_memory
 from raydraft.rollout import RolloutResult, generate
+from raydraft_ray.broadcast_group import BroadcastGroup, Buckets
+from raydraft_ray.cluster import actor_threads
+from raydraft_ray.reward_serving import remote_reward
+from raydraft_ray.weight_sync import WEIGHTS_GROUP, WeightsMessage, from_message
 
 
 class StaleWeightsError(RuntimeError):
@@ -31,7 +31,7 @@ class StaleWeightsError(RuntimeError):
 
 class RolloutWorker:
     def __init__(self, cfg: dict, index: int) -> None:
-        self.cfg = ExperimentConfig.model_validate(cfg)
+        self.cfg = build_config(cfg, "the driver's config")
         ray_cfg = self.cfg.ray
         torch.set_num_threads(actor_threads(ray_cfg.worker_cpus, ray_cfg.torch_threads))
         self.index = index

@@ -5,7 +5,7 @@ version, which each worker on a node maps without a copy (torch tensors are pick
 instead, about ten times slower); a restarted worker is sent the newest object.
 
 `CollectiveSync` (full weights on GPUs, GBs): a broadcast group of the leader and every
-worker (`actors.broadcast_group`), opened once and kept; a version travels in buckets,
+worker (`raydraft_ray.broadcast_group`), opened once and kept; a version travels in buckets,
 GPU to GPU under NCCL. Workers receive on a thread of their own and apply the new weights
 before their next batch, so a sync never waits for sampling in flight. A member that dies
 breaks the group for everyone: the engine restarts it and `catch_up` reopens the group
@@ -20,9 +20,9 @@ import numpy as np
 import ray
 import torch
 
-from actors.broadcast_group import Buckets
-from actors.cluster import WORKER_FAILURES, failed_calls
 from raydraft.config import ExperimentConfig
+from raydraft_ray.broadcast_group import Buckets
+from raydraft_ray.cluster import WORKER_FAILURES, failed_calls
 
 # Rollout workers handle weight traffic here, beside the batch they are sampling.
 WEIGHTS_GROUP = "weights"

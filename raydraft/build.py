@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from raydraft.algorithms.base import Algorithm
-from raydraft.config import ExperimentConfig, ModelConfig
+from raydraft.config import ALGORITHMS, ExperimentConfig, ModelConfig
 from raydraft.data.prompts import PromptStream, load_prompts_with_metadata
 from raydraft.models.base import Policy
 from raydraft.rewards.base import Reward
@@ -28,16 +28,9 @@ def build_policy(cfg: ModelConfig, keep_reference: bool = False) -> Policy:
     return getattr(importlib.import_module(module), name).from_pretrained(cfg, keep_reference)
 
 
-# algorithm.name → the class that follows `raydraft.algorithms.base.Algorithm`.
-ALGORITHMS = {
-    "draft": ("raydraft.algorithms.draft", "DRaFT"),
-    "flow_grpo": ("raydraft.algorithms.flow_grpo", "FlowGRPO"),
-    "diffusion_nft": ("raydraft.algorithms.diffusion_nft", "DiffusionNFT"),
-}
-
-
 def algorithm_class(cfg: ExperimentConfig) -> type[Algorithm]:
-    module, name = ALGORITHMS[cfg.algorithm.name]
+    """The class `config.ALGORITHMS` names for `algorithm.name`."""
+    module, _, name = ALGORITHMS[cfg.algorithm.name][1].partition(":")
     return getattr(importlib.import_module(module), name)
 
 

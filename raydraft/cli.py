@@ -86,8 +86,8 @@ def _engine(cfg: ExperimentConfig) -> Iterator[Engine | None]:
 
     import ray
 
-    from actors.cluster import connect
-    from actors.engine import RayEngine, required_cpus
+    from raydraft_ray.cluster import connect
+    from raydraft_ray.engine import RayEngine, required_cpus
 
     started = connect(cfg.ray.address, num_cpus=max(os.cpu_count() or 1, required_cpus(cfg)))
     engine = None
@@ -159,9 +159,9 @@ def serve_rewards(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from actors.cluster import connect
-    from actors.engine import required_cpus
-    from actors.reward_http import serve_rewards_http
+    from raydraft_ray.cluster import connect
+    from raydraft_ray.engine import required_cpus
+    from raydraft_ray.reward_http import serve_rewards_http
 
     cfg = load_config(args.config, args.overrides)
     started = connect(args.address, num_cpus=max(os.cpu_count() or 1, required_cpus(cfg)))
@@ -193,7 +193,7 @@ def bench(args: argparse.Namespace) -> int:
 
     benches = dict(BENCHES)
     if args.name in RAY_BENCHES:  # the Ray layer's benches live with it (the core has no Ray)
-        benches[args.name] = importlib.import_module(f"actors.bench_{args.name}").run
+        benches[args.name] = importlib.import_module(f"raydraft_ray.bench_{args.name}").run
     if args.name not in benches:
         print(f"unknown bench {args.name!r}; available: {sorted([*benches, *RAY_BENCHES])}",
               file=sys.stderr)  # fmt: skip

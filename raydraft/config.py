@@ -6,8 +6,10 @@ Every section forbids unknown keys, so a typo fails with its full path
 
 from __future__ import annotations
 
+import importlib
+import typing
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -139,7 +141,17 @@ class SamplerConfig(Section):
         return self
 
 
-class DraftConfig(Section):
+class AlgorithmSection(Section):
+    """The base of every algorithm's config. Each answers, besides its `name: Literal[...]`
+    tag, `group_size` (samples per prompt) and `needs_reference` (whether the loss
+    evaluates the frozen base model), as fields, properties or class variables, and says
+    whether the sampler suits it."""
+
+    def check_sampler(self, sampler: SamplerConfig) -> None:
+        """Raise ValueError, naming the keys, where `sampler` cannot serve this algorithm."""
+
+
+class DraftConfig(AlgorithmSection):
     """DRaFT family. Settings: full DRaFT (no truncation), DRaFT-K (`truncation_steps`),
     DRaFT-LV (`truncation_steps: 1`, `lv_samples: n`), AlignProp (`truncation_range`),
     ReFL (`refl_stop_range`: stop at a random step and predict x0 in one step)."""
@@ -172,8 +184,26 @@ class DraftConfig(Section):
                 raise ValueError(f"{key} {rng}: low end above high end")
         return self
 
+    def check_sampler(self, sampler: SamplerConfig) -> None:
+        steps = sampler.num_steps
+        if self.truncation_steps is not None and self.truncation_steps > steps:
+            raise ValueError(
+                f"algorithm.truncation_steps={self.truncation_steps} exceeds "
+                f"sampler.num_steps={steps}"
+            )
+        if self.truncation_range is not None and self.truncation_range[1] > steps:
+            raise ValueError(
+                f"algorithm.truncation_range={self.truncation_range} exceeds "
+                f"sampler.num_steps={steps}"
+            )
+        if self.refl_stop_range is not None and self.refl_stop_range[1] >= steps:
+            raise ValueError(
+                f"algorithm.refl_stop_range={self.refl_stop_range}: step indices run "
+                f"0..{steps - 1} (sampler.num_steps={steps})"
+            )
 
-class GroupRelativeConfig(Section):
+
+class GroupRelativeConfig(AlgorithmSection):
     """What Flow-GRPO and DiffusionNFT share: groups of samples per prompt whose rewards,
     centred and scaled within the group, become advantages, and an optional KL-like anchor
     to the frozen base model."""
@@ -198,6 +228,13 @@ class FlowGRPOConfig(GroupRelativeConfig):
     # same_latent): with an SDE window, the group then branches where the window starts.
     same_initial_noise: bool = False
 
+    def check_sampler(self, sampler: SamplerConfig) -> None:
+        if sampler.kind == "ode" or sampler.noise_level == 0:
+            raise ValueError(
+                "flow_grpo needs a stochastic sampler: sampler.kind sde/cps/ddim "
+                "with sampler.noise_level > 0"
+            )
+
 
 class DiffusionNFTConfig(GroupRelativeConfig):
     """DiffusionNFT: reward-weighted flow matching on the rollouts' final images, contrasting
@@ -214,9 +251,30 @@ class DiffusionNFTConfig(GroupRelativeConfig):
     train_tied_groups: bool = True
 
 
-AlgorithmConfig = Annotated[
-    DraftConfig | FlowGRPOConfig | DiffusionNFTConfig, Field(discriminator="name")
-]
+# algorithm.name → its config class and "module:Class" of the algorithm, which follows
+# `raydraft.algorithms.base.Algorithm`. `register_algorithm` adds one from another package.
+ALGORITHMS: dict[str, tuple[type[AlgorithmSection], str]] = {
+    "draft": (DraftConfig, "raydraft.algorithms.draft:DRaFT"),
+    "flow_grpo": (FlowGRPOConfig, "raydraft.algorithms.flow_grpo:FlowGRPO"),
+    "diffusion_nft": (DiffusionNFTConfig, "raydraft.algorithms.diffusion_nft:DiffusionNFT"),
+}
+
+
+def _algorithm_union() -> Any:
+    """One of the registered configs, chosen by its `name`."""
+    return Union[tuple(config for config, _ in ALGORITHMS.values())]  # noqa: UP007
+
+
+def register_algorithm(config_class: type[AlgorithmSection], algorithm: str) -> None:
+    """Make `algorithm.name: <config_class's name>` run `algorithm` ("module:Class"). A
+    plugin module (the config's `plugins`) calls this when imported."""
+    name = typing.get_args(config_class.model_fields["name"].annotation)[0]
+    ALGORITHMS[name] = (config_class, algorithm)
+    ExperimentConfig.model_fields["algorithm"].annotation = _algorithm_union()
+    ExperimentConfig.model_rebuild(force=True)
+
+
+AlgorithmConfig = _algorithm_union()
 
 
 class RewardSpec(Section):
@@ -382,7 +440,10 @@ class ExperimentConfig(Section):
     runtime: Literal["ray", "local"] = "ray"  # local: the single-process trainer
     model: ModelConfig = ModelConfig()
     sampler: SamplerConfig = SamplerConfig()
-    algorithm: AlgorithmConfig
+    # Modules imported before the rest is validated: they register algorithms (and rewards)
+    # of their own. Ray's workers import them too, so they must be importable there.
+    plugins: list[str] = []
+    algorithm: AlgorithmConfig = Field(discriminator="name")
     rewards: RewardsConfig
     data: DataConfig = DataConfig()
     learner: LearnerConfig = LearnerConfig()
@@ -410,31 +471,7 @@ class ExperimentConfig(Section):
                 "learner.fsdp shards full fine-tuning: set model.lora.enabled=false "
                 "(a LoRA run keeps its frozen base whole on every rank)"
             )
-        steps = self.sampler.num_steps
-        algo = self.algorithm
-        if isinstance(algo, DraftConfig):
-            if algo.truncation_steps is not None and algo.truncation_steps > steps:
-                raise ValueError(
-                    f"algorithm.truncation_steps={algo.truncation_steps} exceeds "
-                    f"sampler.num_steps={steps}"
-                )
-            if algo.truncation_range is not None and algo.truncation_range[1] > steps:
-                raise ValueError(
-                    f"algorithm.truncation_range={algo.truncation_range} exceeds "
-                    f"sampler.num_steps={steps}"
-                )
-            if algo.refl_stop_range is not None and algo.refl_stop_range[1] >= steps:
-                raise ValueError(
-                    f"algorithm.refl_stop_range={algo.refl_stop_range}: step indices run "
-                    f"0..{steps - 1} (sampler.num_steps={steps})"
-                )
-        elif isinstance(algo, FlowGRPOConfig) and (
-            self.sampler.kind == "ode" or self.sampler.noise_level == 0
-        ):
-            raise ValueError(
-                "flow_grpo needs a stochastic sampler: sampler.kind sde/cps/ddim "
-                "with sampler.noise_level > 0"
-            )
+        self.algorithm.check_sampler(self.sampler)
         return self
 
     def to_yaml(self) -> str:
@@ -486,37 +523,54 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides; the value is parsed as YAML (`1e-4`, `[1, 3]`, `null`)."""
+    """Apply `a.b.c=value` overrides in order, merged as a file's keys are (so
+    `algorithm.name=flow_grpo` starts a fresh algorithm section); the value is parsed as
+    YAML (`1e-4`, `[1, 3]`, `null`)."""
     tree = _merge({}, tree)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value")
-        value = yaml.safe_load(raw) if raw else ""
+        nested = yaml.safe_load(raw) if raw else ""
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            node = node.get(part, {})
+            if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        tree = _merge(tree, nested)
     return tree
 
 
 def _error_path(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     # Pydantic puts the discriminator tag into the location of a union member's errors.
-    if (
-        len(parts) > 1
-        and parts[0] == "algorithm"
-        and parts[1] in ("draft", "flow_grpo", "diffusion_nft")
-    ):
+    if len(parts) > 1 and parts[0] == "algorithm" and parts[1] in ALGORITHMS:
         del parts[1]
     return ".".join(parts) or "<config>"
 
 
+def import_plugins(tree: dict[str, Any], source: str = "config") -> None:
+    """Import the modules a config's `plugins` names (what they register must exist before
+    the config is validated)."""
+    plugins = tree.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"invalid {source}:\n  plugins: a list of module names")
+    for module in plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(
+                f"invalid {source}:\n  plugins: cannot import {module!r} ({err}); it must be "
+                "importable here and on every Ray worker (PYTHONPATH or the runtime_env)"
+            ) from None
+
+
 def build_config(tree: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """The validated config of a tree (a file's, or one that a Ray actor was sent)."""
+    import_plugins(tree, source)
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:

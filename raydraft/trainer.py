@@ -3,7 +3,7 @@ checkpoints and exact resume.
 
 An engine runs the iterations: `LocalEngine` does both halves (`rollout.generate`, then
 `Learner.update`) in this process, for debugging and as the speed baseline;
-`actors.engine.RayEngine` drives rollout workers, reward deployments and learner actors
+`raydraft_ray.engine.RayEngine` drives rollout workers, reward deployments and learner actors
 and presents the same interface, so this loop is the same for both.
 """
 

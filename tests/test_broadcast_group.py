@@ -2,7 +2,7 @@
 
 import torch
 
-from actors.broadcast_group import plan_buckets
+from raydraft_ray.broadcast_group import plan_buckets
 
 
 def test_buckets_hold_one_dtype_each_and_respect_the_size_limit():

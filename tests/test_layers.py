@@ -20,7 +20,7 @@ LAYERS = [
     {"__main__"},
 ]
 LAYER = {unit: level for level, units in enumerate(LAYERS) for unit in units}
-RAY_LAYER = {"ray", "actors"}  # imported by the command line only
+RAY_LAYER = {"ray", "raydraft_ray"}  # imported by the command line only
 
 
 def unit_of(path: Path) -> str:

@@ -13,20 +13,21 @@ import numpy as np
 import pytest
 import ray
 import torch
+from both_engines import train_both_engines
 from overrides import RAY_SMALL
 from ray import serve
 from text_images import as_batch, render_text
 from tiny_models import save_tiny_clip, save_tiny_sd
 
-from actors.cluster import connect
-from actors.engine import RayEngine
-from actors.learner import LearnerGroup
-from actors.reward_serving import deploy_rewards, remote_reward
 from raydraft.config import RewardsConfig, load_config
 from raydraft.data.shapes import split_specs
 from raydraft.rewards.registry import build_reward
 from raydraft.rollout import generate
 from raydraft.trainer import LocalEngine, Trainer
+from raydraft_ray.cluster import connect
+from raydraft_ray.engine import RayEngine
+from raydraft_ray.learner import LearnerGroup
+from raydraft_ray.reward_serving import deploy_rewards, remote_reward
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,22 +89,14 @@ def test_sync_mode_equals_the_single_process_trainer(tmp_path, name, transport):
         *transport,
         name=name,
     )
-    local = Trainer(cfg, tmp_path / "local")
-    expected = [local.train_step() for _ in range(2)]
-    engine = RayEngine(cfg)
-    try:
-        distributed = Trainer(cfg, tmp_path / "ray", engine=engine)
-        got = [distributed.train_step() for _ in range(2)]
-        with engine.inference_weights():
-            weights = engine.policy.trainable_state()
-    finally:
-        engine.close()
+    runs = train_both_engines(cfg, tmp_path)
+    expected, got, weights = runs.expected, runs.got, runs.ray_weights
     state_bytes = sum(v.numel() * v.element_size() for v in weights.values())
     assert [m["weight_sync_bytes"] for m in got] == [state_bytes] * 2
-    assert all((m["swap_s"] > 0) == engine.swaps for m in got)
+    assert all((m["swap_s"] > 0) == runs.swaps for m in got)
     keys = ["policy_loss", "kl_ref", "reward_mean", "grad_norm"]
     keys += [] if name == "toy-nft" else ["ratio_mean"]  # DiffusionNFT has no likelihood ratio
-    local_weights = local.policy.trainable_state()
+    local_weights = runs.local.policy.trainable_state()
     if cfg.ray.learners == 1:
         for key in keys:
             assert [m[key] for m in got] == [m[key] for m in expected], key
@@ -308,7 +301,7 @@ def test_a_worker_dead_at_a_weight_sync_is_restarted_and_the_group_rebuilt(tmp_p
 
 @SLOW  # test_reward_serving.py kills a model reward's replica under load
 def test_a_killed_reward_replica_is_replaced_and_the_request_retried(tmp_path):
-    from actors.reward_serving import app_name
+    from raydraft_ray.reward_serving import app_name
 
     cfg = config()
     engine = RayEngine(cfg)

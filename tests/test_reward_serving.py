@@ -26,13 +26,13 @@ from ray import serve
 from text_images import as_batch, render_text
 from tiny_models import save_tiny_clip
 
-from actors.cluster import connect
-from actors.reward_http import serve_rewards_http, token_digest
-from actors.reward_serving import app_name, deploy_rewards
 from raydraft.config import ConfigError, RewardHttpConfig, RewardsConfig, load_config
 from raydraft.rewards.base import to_uint8_hwc
 from raydraft.rewards.http_reward import encode_request
 from raydraft.rewards.registry import make_reward
+from raydraft_ray.cluster import connect
+from raydraft_ray.reward_http import serve_rewards_http, token_digest
+from raydraft_ray.reward_serving import app_name, deploy_rewards
 
 TOKEN_ENV = "RAYDRAFT_TEST_REWARD_TOKEN"
 TOKEN = "test-token-8f3a"
@@ -231,7 +231,7 @@ def test_a_burst_scales_a_model_reward_up_and_down_and_a_killed_replica_loses_no
     @ray.remote(num_cpus=0.1, runtime_env={"env_vars": push})
     class Caller:  # a rollout worker's view of the reward (defined here: sent by value)
         def __init__(self, serving_cfg):
-            from actors.reward_serving import remote_reward
+            from raydraft_ray.reward_serving import remote_reward
 
             self.reward = remote_reward(rewards, serving_cfg)
 

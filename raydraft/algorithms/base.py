@@ -2,13 +2,16 @@
 for every algorithm, so none of them asks which algorithm it runs.
 
 A new algorithm is:
-1. a config class in `raydraft/config.py` (`name: Literal["..."]`, added to
-   `AlgorithmConfig`) that answers `group_size` (samples per prompt) and
-   `needs_reference` (whether the loss evaluates the frozen base model);
-2. one module in `raydraft/algorithms/` with a class that follows `Algorithm` below, its
-   rollout and minibatch types (`raydraft.rows.Rows` dataclasses with `prompts` and
-   `images`), and random draws from the streams of `raydraft.seeds`;
-3. its line in `raydraft.build.ALGORITHMS`;
+1. a config class (`raydraft.config.AlgorithmSection` with `name: Literal["..."]`) that
+   answers `group_size` (samples per prompt) and `needs_reference` (whether the loss
+   evaluates the frozen base model);
+2. one module with a class that follows `Algorithm` below, its rollout and minibatch
+   types (`raydraft.rows.Rows` dataclasses with `prompts` and `images`), and random draws
+   from the streams of `raydraft.seeds`;
+3. its line in `raydraft.config.ALGORITHMS`, or from another package a call of
+   `raydraft.config.register_algorithm` in a module that the run's config lists under
+   `plugins` (tests/plugins/reward_weighted.py is one, trained in the tests through both
+   engines);
 4. its tests.
 """
 
