@@ -124,7 +124,7 @@ def built_on(device: str, dtype: torch.dtype) -> Iterator[None]:
 
 def check_matmul(table: Table, device: str, size: str) -> None:
     from raydraft.precision.formats import quantize_fp8
-    from raydraft.precision.linear import fp8_kernels
+    from raydraft.precision.layers import fp8_kernels
 
     n = 8192 if size == "full" else 256
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)

@@ -1,7 +1,8 @@
 """Low-precision copies of a model for rollout workers: the formats' exact quantize-dequantize
-(`formats`) and linear layers that run them (`linear`)."""
+(`formats`), layers that compute in them (`layers`), and the rollout's quantized copy of a
+denoiser (`rollout_copy`)."""
 
 from raydraft.precision.formats import FORMATS, fake_quantize
-from raydraft.precision.linear import Float8Linear, quantize_linears
+from raydraft.precision.layers import FakeQuantized, Float8Linear, quantize_linears
 
-__all__ = ["FORMATS", "Float8Linear", "fake_quantize", "quantize_linears"]
+__all__ = ["FORMATS", "FakeQuantized", "Float8Linear", "fake_quantize", "quantize_linears"]
