@@ -254,6 +254,7 @@ def remote_reward(
 
 
 def rewards_on_serve(cfg: ExperimentConfig) -> bool:
-    """Black-box rewards always are; DRaFT's differentiable ones when configured."""
-    scores_rollouts = algorithm_class(cfg).scores_rollouts
+    """Black-box rewards always are, and any reward that ranks explored candidates;
+    DRaFT's differentiable ones when configured."""
+    scores_rollouts = algorithm_class(cfg).scores_rollouts or cfg.rollout.explore is not None
     return scores_rollouts or cfg.ray.reward_serving.serve_draft_rewards

@@ -14,7 +14,7 @@ import threading
 import ray
 import torch
 
-from raydraft.build import build_algorithm, build_policy
+from raydraft.build import build_algorithm, build_policy, explorer, rollout_copy
 from raydraft.config import build_config
 from raydraft.data.prompts import PromptBatch
 from raydraft.offload import move_policy, release_cached_memory
@@ -37,11 +37,10 @@ class RolloutWorker:
         self.index = index
         self.policy = build_policy(self.cfg.model)
         self.algorithm = build_algorithm(self.cfg, self.policy, None)
-        self.reward = (
-            remote_reward(self.cfg.rewards, ray_cfg.reward_serving)
-            if self.algorithm.scores_rollouts
-            else None
-        )
+        self.low_precision = rollout_copy(self.cfg)
+        self.explorer = explorer(self.cfg)
+        scores = self.algorithm.scores_rollouts or self.explorer is not None
+        self.reward = remote_reward(self.cfg.rewards, ray_cfg.reward_serving) if scores else None
         self.weight_group: BroadcastGroup | None = None
         self.buckets: Buckets = []
         self.staged: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -82,7 +81,10 @@ class RolloutWorker:
                 f"the batch of iteration {batch.iteration} needs >= {min_version}"
             )
         drop = self.cfg.rewards.on_bad_reward == "drop"
-        return generate(self.algorithm, self.policy, self.reward, batch, self.cfg.seed, drop)
+        return generate(
+            self.algorithm, self.policy, self.reward, batch, self.cfg.seed, drop,
+            self.low_precision, self.explorer,
+        )  # fmt: skip
 
     def _apply_staged_weights(self, min_version: int) -> None:
         """Take the newest staged weights, waiting a while for `min_version` if a

@@ -7,7 +7,9 @@ import importlib
 from raydraft.algorithms.base import Algorithm
 from raydraft.config import ALGORITHMS, ExperimentConfig, ModelConfig
 from raydraft.data.prompts import PromptStream, load_prompts_with_metadata
+from raydraft.explore import Explorer
 from raydraft.models.base import Policy
+from raydraft.precision.rollout_copy import RolloutCopy
 from raydraft.rewards.base import Reward
 from raydraft.sampling.samplers import Sampler, build_sampler
 
@@ -61,3 +63,14 @@ def eval_sampler(cfg: ExperimentConfig, policy: Policy) -> Sampler:
     kind = {"kind": "ode"} if policy.prediction_type == "flow" else {"noise_level": 0.0}
     sampler_cfg = cfg.sampler.model_copy(update=kind)
     return build_sampler(sampler_cfg, policy, cfg.sampler.eval_num_steps)
+
+
+def rollout_copy(cfg: ExperimentConfig) -> RolloutCopy | None:
+    """The rollouts' low-precision copy of the denoiser; None in full precision."""
+    return None if cfg.rollout.precision == "full" else RolloutCopy(cfg.rollout, cfg.model.family)
+
+
+def explorer(cfg: ExperimentConfig) -> Explorer | None:
+    """Explore-select-regenerate for the rollouts (`rollout.explore`); None without it."""
+    explore = cfg.rollout.explore
+    return None if explore is None else Explorer(explore, cfg.sampler)

@@ -147,8 +147,9 @@ class AlgorithmSection(Section):
     evaluates the frozen base model), as fields, properties or class variables, and says
     whether the sampler suits it."""
 
-    def check_sampler(self, sampler: SamplerConfig) -> None:
-        """Raise ValueError, naming the keys, where `sampler` cannot serve this algorithm."""
+    def check_run(self, run: ExperimentConfig) -> None:
+        """Raise ValueError, naming the keys, where the rest of the run's config (its
+        sampler, its rollouts) cannot serve this algorithm."""
 
 
 class DraftConfig(AlgorithmSection):
@@ -184,8 +185,16 @@ class DraftConfig(AlgorithmSection):
                 raise ValueError(f"{key} {rng}: low end above high end")
         return self
 
-    def check_sampler(self, sampler: SamplerConfig) -> None:
-        steps = sampler.num_steps
+    def check_run(self, run: ExperimentConfig) -> None:
+        if run.rollout.precision != "full" and run.rollout.explore is None:
+            raise ValueError(
+                "rollout.precision: DRaFT backpropagates through the sampler from the "
+                "rollout's state, which must come from the full-precision policy: use full, "
+                "or rollout.explore (best-of-N seeds explored in low precision)"
+            )
+        if run.rollout.explore is not None and run.rollout.explore.select != "top_k":
+            raise ValueError("rollout.explore.select: DRaFT keeps one seed per prompt: top_k")
+        steps = run.sampler.num_steps
         if self.truncation_steps is not None and self.truncation_steps > steps:
             raise ValueError(
                 f"algorithm.truncation_steps={self.truncation_steps} exceeds "
@@ -228,8 +237,8 @@ class FlowGRPOConfig(GroupRelativeConfig):
     # same_latent): with an SDE window, the group then branches where the window starts.
     same_initial_noise: bool = False
 
-    def check_sampler(self, sampler: SamplerConfig) -> None:
-        if sampler.kind == "ode" or sampler.noise_level == 0:
+    def check_run(self, run: ExperimentConfig) -> None:
+        if run.sampler.kind == "ode" or run.sampler.noise_level == 0:
             raise ValueError(
                 "flow_grpo needs a stochastic sampler: sampler.kind sde/cps/ddim "
                 "with sampler.noise_level > 0"
@@ -380,6 +389,50 @@ def reward_serving_for(base: RewardServingConfig, spec: RewardSpec) -> RewardSer
     return RewardServingConfig.model_validate(base.model_dump() | spec.serving)
 
 
+class ExploreConfig(Section):
+    """Explore, select, regenerate (Sol-RL): `candidates` samples per prompt from the
+    rollout copy (low precision, if set) with a deterministic preview sampler, scored;
+    `select` keeps the group's seeds (`best_worst`: the top half and the bottom half, as
+    Sol-RL; `top_k`: the best); those seeds are regenerated in full precision with the
+    training sampler and only they reach the learner."""
+
+    candidates: Annotated[int, Field(ge=2)]
+    select: Literal["best_worst", "top_k"] = "best_worst"
+    preview_steps: PositiveInt | None = None  # ODE steps of the preview; None: sampler's
+
+
+class RolloutConfig(Section):
+    """How rollouts are sampled: in full precision, or by a low-precision copy of the
+    denoiser that is rebuilt from the full-precision weights whenever they change (each
+    weight sync). The learner then corrects for the difference (`is_truncation`)."""
+
+    precision: Literal["full", "fp8", "nvfp4", "mxfp4"] = "full"
+    quantize_activations: bool = True  # W8A8 / W4A4 in Linear layers; false: weights only
+    # With a LoRA adapter: `side` quantizes the frozen base once and runs the adapter in
+    # full precision beside it; `merge` quantizes W + s·BA at each sync (Sol-RL), where
+    # small adapter updates drown in the rounding.
+    lora: Literal["side", "merge"] = "side"
+    # Layers kept in full precision: regular expressions over the denoiser's layer names,
+    # and a width (a layer whose larger side is at most this); None: the family's defaults
+    # (`raydraft.precision.rollout_copy`).
+    keep_full_precision: list[str] | None = None
+    min_dim: NonNegativeInt | None = None
+    # auto: FP8 tensor cores where the GPU has them (compute capability 8.9+), the exact
+    # emulation elsewhere; emulate: the emulation everywhere (same numbers, no speed-up).
+    kernels: Literal["auto", "emulate"] = "auto"
+    # The learner's importance weight between the full-precision and the low-precision
+    # behaviour policy is truncated at this (Flow-GRPO; per step, per-dimension mean log-probs).
+    is_truncation: Annotated[float, Field(ge=1)] = 2.0
+    # Every this many iterations (0: never) a rollout batch is also sampled in full
+    # precision from the same seeds, both are scored, and the agreement of the two
+    # within-group rankings is logged (Kendall τ, Spearman ρ, top/bottom-k hit rates);
+    # a warning when the mean Spearman ρ falls below `fidelity_floor`.
+    fidelity_every: NonNegativeInt = 10
+    fidelity_k: PositiveInt = 2
+    fidelity_floor: Annotated[float, Field(ge=-1, le=1)] = 0.7
+    explore: ExploreConfig | None = None
+
+
 class RayConfig(Section):
     """The Ray runtime: roles, their resources, and the rollout schedule."""
 
@@ -445,6 +498,7 @@ class ExperimentConfig(Section):
     plugins: list[str] = []
     algorithm: AlgorithmConfig = Field(discriminator="name")
     rewards: RewardsConfig
+    rollout: RolloutConfig = RolloutConfig()
     data: DataConfig = DataConfig()
     learner: LearnerConfig = LearnerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -471,7 +525,13 @@ class ExperimentConfig(Section):
                 "learner.fsdp shards full fine-tuning: set model.lora.enabled=false "
                 "(a LoRA run keeps its frozen base whole on every rank)"
             )
-        self.algorithm.check_sampler(self.sampler)
+        self.algorithm.check_run(self)
+        explore, group = self.rollout.explore, self.algorithm.group_size
+        if explore is not None and explore.candidates <= group:
+            raise ValueError(
+                f"rollout.explore.candidates ({explore.candidates}) must exceed the group "
+                f"it selects (algorithm.group_size {group})"
+            )
         return self
 
     def to_yaml(self) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -60,6 +62,10 @@ class Learner:
             self.params, lr=learner.lr, betas=learner.betas, weight_decay=learner.weight_decay
         )
         self.ema = EMA(self.params, learner.ema_decay) if learner.ema_decay else None
+        # The trainable states of the versions whose low-precision rollouts may still
+        # arrive (async mode), so that they are corrected at the version that sampled them.
+        self.kept_states: dict[int, dict[str, torch.Tensor]] = {}
+        self._keep_state()
 
     def update(self, result: RolloutResult) -> dict[str, float]:
         """Train on one iteration's rollout; the policy's version advances by one."""
@@ -70,20 +76,27 @@ class Learner:
             result.rollout, result.rewards, result.valid, cfg.learner.minibatch_size,
             cfg.learner.grad_accum_steps, generator,
         )  # fmt: skip
+        # This rank's part of each micro-batch, with its share of the micro-batch.
+        parts = [[self._my_rows(micro) for micro in micro_batches] for micro_batches in updates]
         lr = scheduled_lr(cfg, result.iteration)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
         policy.train(True)
+        if result.precision != "full":
+            with self._at_version(result.policy_version):
+                plan_stats |= algorithm.recompute_behaviour(
+                    policy, [p for step in parts for p, _ in step if p is not None],
+                    cfg.rollout.is_truncation,
+                )  # fmt: skip
         weighted: dict[str, float] = defaultdict(float)  # sum over micro-batches of share * stat
         grad_norms = []
-        for micro_batches in updates:
+        for step_parts in parts:
             self.optimizer.zero_grad(set_to_none=True)
-            for micro in micro_batches:
-                part, share = self._my_rows(micro)
+            for part, share in step_parts:
                 if part is None:
                     continue
                 loss, loss_stats = algorithm.loss(policy, part)
-                (loss * share / len(micro_batches)).backward()
+                (loss * share / len(step_parts)).backward()
                 for key, value in loss_stats.items():
                     weighted[key] += value * share
             if not self.sharded:  # FSDP reduce-scatters the gradient sums in backward
@@ -95,6 +108,7 @@ class Learner:
             if self.ema is not None:
                 self.ema.update()
         policy.version += 1
+        self._keep_state()
         # No updates when every group's rewards tie (the same plan on every rank): the
         # weights stay, the version still advances, and the metrics say nothing trained.
         micros = sum(len(micro_batches) for micro_batches in updates)
@@ -112,6 +126,37 @@ class Learner:
                 "staleness": policy.version - 1 - result.policy_version,
             }
         )
+
+    def _keep_state(self) -> None:
+        r = self.cfg.ray
+        keep = r.max_staleness + 1 if r.mode == "async" else 1
+        if self.cfg.rollout.precision == "full" or keep == 1:
+            return  # nothing to correct, or rollouts always come from the current version
+        state = {
+            k: v.detach().to("cpu", copy=True) for k, v in self.policy.trainable_state().items()
+        }
+        self.kept_states[self.policy.version] = state
+        for version in sorted(self.kept_states)[:-keep]:
+            del self.kept_states[version]
+
+    @contextmanager
+    def _at_version(self, version: int) -> Iterator[None]:
+        """The policy's trainable weights as they were at `version` inside the block."""
+        policy = self.policy
+        if version == policy.version:
+            yield
+            return
+        if version not in self.kept_states:
+            raise RuntimeError(
+                f"a low-precision rollout of policy version {version} cannot be corrected: "
+                f"the learner keeps versions {sorted(self.kept_states)} (ray.max_staleness)"
+            )
+        current, current_version = policy.trainable_state(), policy.version
+        policy.load_trainable(self.kept_states[version], version)
+        try:
+            yield
+        finally:
+            policy.load_trainable(current, current_version)
 
     def _my_rows(self, micro: Any) -> tuple[Any, float]:
         """This rank's slice of `micro` and its share of the micro-batch. A sharded rank
@@ -162,6 +207,8 @@ class Learner:
 
     def load_state(self, tensors: dict[str, Any], optimizer: dict[str, Any], version: int) -> None:
         self.policy.load_trainable(tensors["trainable"], version)
+        self.kept_states.clear()
+        self._keep_state()
         self.optimizer.load_state_dict(scatter_optimizer_state(optimizer, self.params))
         if self.ema is not None:
             shadows = self.ema.state_dict()

@@ -36,6 +36,8 @@ METRICS = (
     Metric("time_reward_s", "reward_seconds", "Reward scoring time (summed over workers)", "s",
            "Step time"),
     Metric("time_update_s", "update_seconds", "Learner update time", "s", "Step time"),
+    Metric("time_requantize_s", "requantize_seconds", "Seconds the rollouts' low-precision "
+           "copy took to re-quantize after a weight sync", "s", "Step time"),
     Metric("swap_s", "swap_seconds", "Seconds colocated roles spent moving to and from host "
            "memory", "s", "Step time"),
     Metric("weight_sync_s", "weight_sync_seconds", "Seconds to publish the new weights", "s",
@@ -57,6 +59,18 @@ METRICS = (
     Metric("kl_ref", "kl_ref", "KL to the reference model", "none", "Optimisation"),
     Metric("clipfrac", "clip_fraction", "Fraction of clipped ratios (Flow-GRPO)", "none",
            "Optimisation"),
+    Metric("mismatch_log_ratio_max", "mismatch_log_ratio_max", "Largest |log-ratio| of the "
+           "full-precision over the low-precision behaviour policy (Flow-GRPO)", "none",
+           "Low-precision rollouts"),
+    Metric("is_truncated_fraction", "is_truncated_fraction", "Fraction of importance weights "
+           "truncated (Flow-GRPO)", "none", "Low-precision rollouts"),
+    Metric("is_ess", "is_effective_sample_size", "Effective sample size over N of the "
+           "importance weights (Flow-GRPO)", "none", "Low-precision rollouts"),
+    Metric("fidelity_spearman_rho", "fidelity_spearman_rho", "Within-group Spearman ρ of "
+           "low- vs full-precision rewards on the same seeds (audited iterations)", "none",
+           "Low-precision rollouts"),
+    Metric("fidelity_kendall_tau", "fidelity_kendall_tau", "Within-group Kendall τ of low- vs "
+           "full-precision rewards on the same seeds", "none", "Low-precision rollouts"),
     Metric("zero_std_fraction", "zero_std_group_fraction",
            "Fraction of groups with equal rewards (no signal)", "none", "Optimisation"),
 )  # fmt: skip

@@ -4,6 +4,8 @@ resumed run) and a new draw takes a stream of its own.
 
 - sample seeds of an iteration's rows: SeedSequence([data seed, iteration])
   (`sample_seeds`, data/prompts.py); an epoch's prompt order: data seed + epoch;
+- explore-then-regenerate's candidate seeds of a group: SeedSequence([the group's first
+  sample seed, EXPLORE_CANDIDATES]) (`candidate_seeds`, explore.py);
 - a sample's initial noise x_T: its sample seed, diffusers' convention (models/base.py);
 - iteration streams, `iteration_generator(run seed, iteration, stream)`:
   ROLLOUT (0), the rollout's choices (SDE window, DRaFT's truncation step);
@@ -29,6 +31,8 @@ UPDATE = 1
 SDE_NOISE = 1
 NFT_TRAIN_POINTS = 2
 DRAFT_LV_NOISE = 2
+# Seeds derived from a sample seed for another purpose: candidate_seeds
+EXPLORE_CANDIDATES = 3
 
 
 def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:
@@ -53,3 +57,10 @@ def sample_seeds(data_seed: int, iteration: int, rows: int) -> torch.Tensor:
     """The (rows,) sample seeds of an iteration, 63-bit."""
     state = np.random.SeedSequence([data_seed, iteration]).generate_state(rows)
     return torch.tensor(state.astype(np.int64) >> 1, dtype=torch.long)
+
+
+def candidate_seeds(group_seed: int, count: int) -> torch.Tensor:
+    """The (count,) candidate sample seeds of a group whose first sample seed is
+    `group_seed`, 63-bit: the same however the batch is split among workers."""
+    state = np.random.SeedSequence([int(group_seed) % 2**63, EXPLORE_CANDIDATES])
+    return torch.tensor((state.generate_state(count, np.uint64) >> 1).astype(np.int64))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +19,14 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from raydraft.build import build_algorithm, build_policy, eval_sampler, prompt_stream
+from raydraft.build import (
+    build_algorithm,
+    build_policy,
+    eval_sampler,
+    explorer,
+    prompt_stream,
+    rollout_copy,
+)
 from raydraft.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
 from raydraft.config import ExperimentConfig
 from raydraft.data.prompts import load_prompts
@@ -68,6 +76,8 @@ class LocalEngine:
         self.reward = build_reward(cfg.rewards)
         self.algorithm = build_algorithm(cfg, self.policy, self.reward)
         self.prompts = prompt_stream(cfg)
+        self.low_precision = rollout_copy(cfg)
+        self.explorer = explorer(cfg)
         self.learner = Learner(cfg, self.policy, self.algorithm)
 
     def iterate(self) -> tuple[RolloutResult, dict[str, float]]:
@@ -77,7 +87,16 @@ class LocalEngine:
         batch = self.prompts.next_batch()
         drop = self.cfg.rewards.on_bad_reward == "drop"
         parts = [
-            generate(self.algorithm, self.policy, self.reward, part, self.cfg.seed, drop)
+            generate(
+                self.algorithm,
+                self.policy,
+                self.reward,
+                part,
+                self.cfg.seed,
+                drop,
+                self.low_precision,
+                self.explorer,
+            )
             for part in batch.split(self.cfg.ray.rollout_workers)
         ]
         result = RolloutResult.concat(parts)
@@ -138,6 +157,14 @@ class Trainer:
         self.step += 1
         self.run.add_rollouts([r | {"step": self.step} for r in result.records])
         metrics = iteration_metrics(result, update, self.step, start)
+        rho, floor = result.stats.get("fidelity_spearman_rho"), self.cfg.rollout.fidelity_floor
+        if rho is not None and rho < floor:
+            warnings.warn(
+                f"step {self.step}: the {result.precision} rollouts rank samples unlike full "
+                f"precision (within-group Spearman {rho:.3f} < rollout.fidelity_floor "
+                f"{floor}); consider a wider format or keeping more layers in full precision",
+                stacklevel=2,
+            )
         if self.exporter is not None:
             self.exporter.observe(metrics, len(result))
         return metrics
@@ -251,11 +278,17 @@ def iteration_metrics(
     return (
         update
         | result.reward_stats()
+        | result.stats
         | {
             "step": step,
             "images_per_s": len(result) / (now - start),
             "time_rollout_s": result.seconds.get("rollout", 0.0),
             "time_reward_s": result.seconds.get("reward", 0.0),
             "time_step_s": now - start,
+        }
+        | {
+            f"time_{stage}_s": result.seconds[stage]
+            for stage in ("requantize", "explore")
+            if stage in result.seconds
         }
     )

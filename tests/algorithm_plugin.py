@@ -92,6 +92,9 @@ class RewardWeighted:
             policy.decode(x0).float(), x0,
         )  # fmt: skip
 
+    def recompute_behaviour(self, policy, micro_batches, truncation):
+        return {}  # the loss takes nothing from the sampling policy but its samples
+
     def plan_updates(
         self, rollout, rewards, valid, minibatch_size, grad_accum_steps, generator
     ):  # fmt: skip

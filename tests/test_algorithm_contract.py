@@ -19,7 +19,7 @@ CONFIGS = {
         ["plugins=[algorithm_plugin]", "algorithm.name=reward_weighted"],
     ),
 }
-CONTRACT = ["build", "rollout", "plan_updates", "loss"]
+CONTRACT = ["build", "rollout", "recompute_behaviour", "plan_updates", "loss"]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

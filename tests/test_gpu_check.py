@@ -37,5 +37,7 @@ def test_every_check_runs_on_tiny_models(capsys):
     for family in ("sd3", "flux"):
         assert (family, "rollout fp32 images/s") in measures
         assert (family, "rollout fp8 images/s") in measures
-        assert (family, "re-quantize at sync") in measures
+        assert (family, "re-quantize at sync (LoRA merged)") in measures
     assert any(check == "fsdp2" for check, _ in measures)
+    fp8 = [row for row in rows if row[2].startswith("denoiser fp8")]
+    assert len(fp8) == 2 and all("(0 layers" not in row[2] for row in fp8)

@@ -9,10 +9,10 @@ import pytest
 CORE = Path(__file__).parents[1] / "raydraft"
 # Bottom to top: a module may import from lower layers and from its own unit only.
 LAYERS = [
-    {"seeds", "rows", "config", "local_weights", "sharding", "metrics", "precision"},
+    {"seeds", "rows", "config", "local_weights", "sharding", "metrics"},
     {"models", "data"},
-    {"offload", "ema", "rewards", "sampling"},
-    {"algorithms", "evaluation", "run_dir", "checkpoint", "report", "dashboards"},
+    {"offload", "ema", "rewards", "sampling", "precision"},
+    {"algorithms", "evaluation", "run_dir", "checkpoint", "report", "dashboards", "explore"},
     {"rollout", "build", "embedded"},
     {"learner", "bench"},
     {"trainer"},

@@ -4,7 +4,7 @@ cases, the emulation against torch's own FP8 product, and the module swap's rule
 import pytest
 import torch
 
-from raydraft.precision import Float8Linear, fake_quantize, quantize_linears
+from raydraft.precision import Float8Linear, fake_quantize
 from raydraft.precision.formats import E4M3, quantize_fp8, round_e2m1
 
 
@@ -142,28 +142,3 @@ def test_refresh_requantizes_from_the_full_precision_weight_and_moves_with_the_m
     assert {name for name, _ in layer.named_buffers()} == {"weight_fp8", "weight_scale"}
     moved = layer.to("meta")  # the full-precision layer moves with its stand-in
     assert moved.layer.weight.is_meta and moved.weight_fp8.is_meta
-
-
-def test_quantize_linears_follows_keep_min_dim_and_lora_rules():
-    from peft import LoraConfig, inject_adapter_in_model
-
-    block = {
-        "wide": torch.nn.Linear(64, 256),
-        "narrow": torch.nn.Linear(32, 32),
-        "odd": torch.nn.Linear(64, 100),
-        "norm1": torch.nn.Linear(64, 64),
-    }
-    model = torch.nn.ModuleDict(
-        {
-            "embed": torch.nn.Linear(64, 64),
-            "block": torch.nn.ModuleDict(block),
-            "attn": torch.nn.ModuleDict({"to_q": torch.nn.Linear(64, 64)}),
-        }
-    )
-    inject_adapter_in_model(LoraConfig(r=4, target_modules=["to_q"]), model)
-    swapped = quantize_linears(model, keep=("embed", r".*\.norm1"), min_dim=32)
-    # LoRA factors stay, the base under them is swapped; 100 is not a multiple of 16.
-    assert swapped == ["block.wide", "attn.to_q.base_layer"]
-    assert isinstance(model["block"]["wide"], Float8Linear)
-    assert type(model["attn"]["to_q"].lora_A["default"]) is torch.nn.Linear
-    assert type(model["embed"]) is torch.nn.Linear

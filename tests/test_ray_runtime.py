@@ -66,6 +66,8 @@ def config(*overrides, name="toy-flowgrpo"):
         ("toy-flowgrpo", FSDP),
         ("toy-flowgrpo", ["ray.placement=colocated", "ray.rollout_workers=1"]),
         ("toy-nft", []),
+        ("toy-flowgrpo", ["rollout.precision=fp8"]),
+        ("toy-nft", ["rollout.precision=fp8", "rollout.explore={candidates: 6}"]),
     ],
     ids=[
         "object-store-lora",
@@ -73,6 +75,8 @@ def config(*overrides, name="toy-flowgrpo"):
         "fsdp-2-learners",
         "colocated-swapping",
         "diffusion-nft",
+        "fp8-rollouts",
+        "fp8-explore-regenerate",
     ],
 )
 def test_sync_mode_equals_the_single_process_trainer(tmp_path, name, transport):
@@ -96,6 +100,9 @@ def test_sync_mode_equals_the_single_process_trainer(tmp_path, name, transport):
     assert all((m["swap_s"] > 0) == runs.swaps for m in got)
     keys = ["policy_loss", "kl_ref", "reward_mean", "grad_norm"]
     keys += [] if name == "toy-nft" else ["ratio_mean"]  # DiffusionNFT has no likelihood ratio
+    low_precision = ("mismatch_log_ratio_max", "is_ess", "explore_reward_mean")
+    keys += [key for key in low_precision if key in expected[0]]
+    assert (cfg.rollout.precision == "full") == (len(keys) == 4 + (name != "toy-nft"))
     local_weights = runs.local.policy.trainable_state()
     if cfg.ray.learners == 1:
         for key in keys:

@@ -42,6 +42,18 @@ class Algorithm(Protocol):
         `images`; `generator` is the iteration's ROLLOUT stream."""
         ...
 
+    def recompute_behaviour(
+        self, policy: Policy, micro_batches: list[Any], truncation: float
+    ) -> dict[str, float]:
+        """Called after `plan_updates` and before any optimizer step when a low-precision
+        copy sampled the rollout, with `policy` in full precision at the rollout's version:
+        recompute in place, micro-batch by micro-batch (the shapes the loss will see, so a
+        first ratio is exactly 1), what the loss takes from the sampling policy
+        (Flow-GRPO's old log-probs, DiffusionNFT's old predictions), and weigh the
+        difference (importance weights truncated at `truncation`). Returns statistics of
+        the mismatch."""
+        ...
+
     def plan_updates(
         self,
         rollout: Any,

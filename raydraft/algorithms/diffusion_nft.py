@@ -153,6 +153,29 @@ class DiffusionNFT:
             noise.append(torch.randn((self.num_points, *like.shape[1:]), generator=g))
         return torch.stack(steps), torch.stack(noise).to(like.device, like.dtype)
 
+    @torch.no_grad()
+    def recompute_behaviour(
+        self, policy: Policy, micro_batches: list[NFTBatch], truncation: float
+    ) -> dict[str, float]:
+        """Each micro-batch's old predictions recomputed in full precision: the implicit
+        positive and negative policies sit around the full-precision sampling policy, and
+        the final samples stay what the low-precision copy drew (no likelihood, so no
+        importance weight: `truncation` is unused)."""
+        if not micro_batches:
+            return {}
+        deviations = []
+        for micro in micro_batches:
+            times = self._times(micro.steps, micro.x_t)
+            full = policy.predict(micro.x_t, times, micro.cond, self.guidance)
+            error = (micro.old_prediction.float() - full.float()).flatten(1).norm(dim=1)
+            deviations.append(error / full.float().flatten(1).norm(dim=1).clamp(min=1e-12))
+            micro.old_prediction = full
+        deviation = torch.cat(deviations)
+        return {
+            "mismatch_prediction_rel_mean": float(deviation.mean()),
+            "mismatch_prediction_rel_max": float(deviation.max()),
+        }
+
     def plan_updates(
         self,
         rollout: NFTRollout,

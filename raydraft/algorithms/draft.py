@@ -158,6 +158,13 @@ class DRaFT:
         }
         return -kept.mean(), stats
 
+    def recompute_behaviour(
+        self, policy: Policy, micro_batches: list[DraftBatch], truncation: float
+    ) -> dict[str, float]:
+        """Never called: the config refuses low-precision rollouts for DRaFT, whose
+        gradient runs through the sampler from the rollout's state."""
+        return {}
+
     def plan_updates(
         self,
         rollout: DraftBatch,

@@ -66,9 +66,12 @@ class GRPOBatch(Rows):
     cond: Conditioning
     x: torch.Tensor  # latents before the step
     x_next: torch.Tensor  # the recorded move
-    old_log_prob: torch.Tensor  # (b,) behaviour log-prob
+    old_log_prob: torch.Tensor  # (b,) behaviour log-prob (full precision)
     advantages: torch.Tensor  # (b,)
     step: int
+    # (b,) truncated importance weights of a low-precision rollout: the full-precision
+    # over the sampling copy's probability of the move; None in full precision.
+    is_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.advantages)
@@ -138,6 +141,37 @@ class FlowGRPO:
         steps = sde_mask.nonzero().flatten().tolist()
         return steps[: max(1, int(len(steps) * self.cfg.timestep_fraction))]
 
+    @torch.no_grad()
+    def recompute_behaviour(
+        self, policy: Policy, micro_batches: list[GRPOBatch], truncation: float
+    ) -> dict[str, float]:
+        """Each micro-batch's old log-probs recomputed in full precision, and the
+        importance weight of the full-precision over the sampling copy's probability of
+        each move, truncated (TIS, per step, in the per-dimension mean convention)."""
+        if not micro_batches:
+            return {}
+        log_ratios = []
+        for micro in micro_batches:
+            t = self.sampler.model_time(micro.step)
+            out = predict(policy, micro.x, t, micro.cond, self.guidance, checkpoint=False)
+            full = self.sampler.step(
+                out, micro.x, micro.step, stochastic=True, prev_sample=micro.x_next
+            ).log_prob.float()
+            log_ratios.append(full - micro.old_log_prob)
+            micro.is_weight = log_ratios[-1].exp().clamp(max=truncation)
+            micro.old_log_prob = full
+        log_ratio = torch.cat(log_ratios)
+        weights = torch.cat([micro.is_weight for micro in micro_batches]).double()
+        # Effective sample size over N (Kish): 1 when the weights are equal, at most 1.
+        ess = min(1.0, float(weights.sum() ** 2 / (len(weights) * (weights**2).sum())))
+        return {
+            "mismatch_log_ratio_mean": float(log_ratio.mean()),
+            "mismatch_log_ratio_std": float(log_ratio.std()) if len(log_ratio) > 1 else 0.0,
+            "mismatch_log_ratio_max": float(log_ratio.abs().max()),
+            "is_truncated_fraction": float((log_ratio.exp() > truncation).float().mean()),
+            "is_ess": ess,
+        }
+
     def plan_updates(
         self,
         rollout: GRPORollout,
@@ -183,6 +217,8 @@ class FlowGRPO:
         per_sample, ratio, clipped = clipped_surrogate(
             step.log_prob, batch.old_log_prob, batch.advantages, self.cfg.clip_range
         )
+        if batch.is_weight is not None:
+            per_sample = per_sample * batch.is_weight
         loss = per_sample.mean()
         log_ratio = (step.log_prob - batch.old_log_prob).detach()
         stats = {

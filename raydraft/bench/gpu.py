@@ -3,7 +3,8 @@ full-size architectures with random weights, in one table.
 
 - matrix products: bf16 and FP8 (rowwise scales, `torch._scaled_mm`) at 8192³;
 - per family (SD3.5 Medium, FLUX.1-dev at 1024²): the denoiser's prediction in bf16 and
-  with FP8 W8A8 linears (`raydraft.precision`), its relative error, end-to-end rollouts
+  through the rollouts' FP8 W8A8 copy (`raydraft.precision.rollout_copy`, the family's
+  full-precision layers), its relative error, end-to-end rollouts
   (prompt encoding, the flow SDE with per-step log-probs, VAE decode) each way, the
   re-quantization time of a weight sync, and a colocated swap to host memory and back;
 - FSDP2 over NCCL: one full fine-tuning step of SD3.5 Medium's transformer, sharded,
@@ -33,14 +34,6 @@ BATCH = {("sd3", "full"): 8, ("flux", "full"): 4, ("sd3", "small"): 2, ("flux", 
 SIDE = {"full": 1024, "small": 64}
 GUIDANCE = {"sd3": 4.5, "flux": 3.5}  # the pipelines' defaults
 T5_TOKENS = {"sd3": 256, "flux": 512}  # likewise
-# Kept in full precision (names matched whole, as regular expressions): embedders, the
-# adaLN modulation and the output layers, as Sol-RL does.
-FULL_PRECISION_LAYERS = {
-    "sd3": (r"pos_embed\..*", "context_embedder", r"time_text_embed\..*", r"norm_out\..*",
-            "proj_out", r".*\.norm1(_context)?\.linear"),
-    "flux": ("x_embedder", "context_embedder", r"time_text_embed\..*", r"norm_out\..*",
-             "proj_out", r".*\.norm1?(_context)?\.linear"),
-}  # fmt: skip
 
 
 class Table:
@@ -166,27 +159,13 @@ def _build_policy(family: str, size: str, device: str, dtype: torch.dtype):
     return policy_class(pipe, cfg)
 
 
-def _activation_quantizer(device: str) -> tuple[Callable | None, str]:
-    """On a GPU, `quantize_fp8` compiled (amax, scale and cast in one kernel), else eager."""
-    from raydraft.precision.formats import quantize_fp8
-
-    if device != "cuda":
-        return None, "eager"
-    compiled = torch.compile(quantize_fp8, dynamic=True)
-    try:
-        compiled(torch.randn(64, 128, device=device, dtype=torch.bfloat16), rowwise=True)
-    except Exception as error:  # report it and measure the eager quantizer instead
-        return None, f"eager (compile failed: {type(error).__name__})"
-    return compiled, "compiled"
-
-
 def check_family(
     table: Table, family: str, size: str, device: str, dtype: torch.dtype, steps: int,
     repeats: int,
 ) -> None:  # fmt: skip
-    from raydraft.config import SamplerConfig
+    from raydraft.config import RolloutConfig, SamplerConfig
     from raydraft.offload import move_policy, release_cached_memory
-    from raydraft.precision import quantize_linears
+    from raydraft.precision.rollout_copy import RolloutCopy
     from raydraft.sampling.loop import StepNoise, denoise
     from raydraft.sampling.samplers import build_sampler
     from raydraft.seeds import SDE_NOISE
@@ -223,24 +202,32 @@ def check_family(
                   f"{seconds[full] * 1e3:.0f} ms")  # fmt: skip
         table.row(family, name, f"rollout {full} images/s", f"{images_s[full]:.2f}")
 
-        quantizer, how = _activation_quantizer(device)
-        layers = quantize_linears(policy.denoiser, FULL_PRECISION_LAYERS[family], 0, quantizer)
-        error = (policy.predict(x, t, cond, guidance).float() - reference).norm() / reference.norm()
-        seconds["fp8"] = _seconds(lambda: policy.predict(x, t, cond, guidance), device, 3)
-        images_s["fp8"] = batch / _seconds(rollout, device, repeats)
-    table.row(family, name, f"denoiser fp8 W8A8 ({len(layers)} linears, {how} quantizer)",
+        # The rollouts' own low-precision copy, with the family's full-precision layers;
+        # `merge` re-quantizes W + s·BA at each sync, the costlier LoRA mode.
+        # (The small models are narrower than SD3's and FLUX's default min_dim: all go.)
+        rollout_cfg = RolloutConfig(
+            precision="fp8", lora="merge", min_dim=0 if size == "small" else None
+        )
+        copy = RolloutCopy(rollout_cfg, family)
+        with copy.sampling(policy):
+            out = policy.predict(x, t, cond, guidance).float()
+            error = (out - reference).norm() / reference.norm()
+            seconds["fp8"] = _seconds(lambda: policy.predict(x, t, cond, guidance), device, 3)
+            images_s["fp8"] = batch / _seconds(rollout, device, repeats)
+            kinds = sorted({type(swap.stand_in).__name__ for swap in copy.swaps})
+        policy.version += 1  # as after a weight sync: the copy re-quantizes on next use
+        with copy.sampling(policy):
+            _sync(device)
+    table.row(family, name, f"denoiser fp8 W8A8 ({len(copy.swaps)} layers, {'/'.join(kinds)})",
               f"{seconds['fp8'] * 1e3:.0f} ms, {seconds[full] / seconds['fp8']:.2f}× {full}, "
               f"relative error {error:.4f}")  # fmt: skip
     table.row(family, name, "rollout fp8 images/s",
               f"{images_s['fp8']:.2f}, {images_s['fp8'] / images_s[full]:.2f}× {full}")  # fmt: skip
-
-    quantized = [policy.denoiser.get_submodule(n) for n in layers]
-    refresh = _seconds(lambda: [layer.refresh() for layer in quantized], device, 3)
-    iteration = batch / images_s["fp8"]
+    refresh, iteration = copy.refresh_seconds, batch / images_s["fp8"]
     table.row(
         family,
         name,
-        "re-quantize at sync",
+        "re-quantize at sync (LoRA merged)",
         f"{refresh * 1e3:.0f} ms ({100 * refresh / iteration:.1f} % of one fp8 rollout)",
     )
 

@@ -3,6 +3,6 @@
 denoiser (`rollout_copy`)."""
 
 from raydraft.precision.formats import FORMATS, fake_quantize
-from raydraft.precision.layers import FakeQuantized, Float8Linear, quantize_linears
+from raydraft.precision.layers import FakeQuantized, Float8Linear
 
-__all__ = ["FORMATS", "FakeQuantized", "Float8Linear", "fake_quantize", "quantize_linears"]
+__all__ = ["FORMATS", "FakeQuantized", "Float8Linear", "fake_quantize"]

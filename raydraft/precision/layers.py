@@ -32,12 +32,27 @@ def fp8_kernels(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def activation_quantizer(device: torch.device) -> Callable | None:
+    """On a GPU, `quantize_fp8` compiled (amax, scale and cast fused: 0.18 against 0.83 ms
+    eager for an 18432×3072 bf16 input on an H200); None (eager) elsewhere or when the
+    compile fails."""
+    if device.type != "cuda":
+        return None
+    compiled = torch.compile(quantize_fp8, dynamic=True)
+    try:
+        compiled(torch.randn(64, 128, device=device, dtype=torch.bfloat16), rowwise=True)
+    except Exception:  # no working compiler here: the eager quantizer gives the same values
+        return None
+    return compiled
+
+
 def quantize_weight(weight: torch.Tensor, fmt: str) -> torch.Tensor:
-    """A Linear or Conv2d weight in format `fmt`, rows and blocks running along the input
-    channels (a convolution's weight is (out, in, kh, kw): its input channels go last)."""
-    if weight.dim() == 2:
-        return fake_quantize(weight, fmt)
-    return fake_quantize(weight.permute(0, 2, 3, 1), fmt).permute(0, 3, 1, 2).contiguous()
+    """A Linear or Conv2d weight in format `fmt`, one row per output channel: a
+    convolution's (out, in, kh, kw) weight is quantized as (out, in·kh·kw), the product's
+    K dimension in an im2col convolution, so a block holds neighbouring taps of the same
+    input channels (on the toy model this ranks samples better than blocks across input
+    channels: within-group Spearman 0.85 against 0.77 for NVFP4 weights, docs/benchmarks.md)."""
+    return fake_quantize(weight.reshape(weight.shape[0], -1), fmt).reshape(weight.shape)
 
 
 class Float8Linear(torch.nn.Module):
@@ -117,9 +132,9 @@ def quantizable(
     name: str, layer: torch.nn.Module, keep: Sequence[str], min_dim: int, fmt: str = "fp8"
 ) -> bool:
     """A plain Linear or Conv2d whose name matches none of the regular expressions `keep`
-    (whole name), whose larger side exceeds `min_dim`, and whose input channels fill the
-    format's blocks (and, for FP8 kernels, whose sides are multiples of 16). LoRA factors
-    always stay in full precision."""
+    (whole name), whose larger side exceeds `min_dim`, and whose rows (in features, or
+    in channels × kernel taps) fill the format's blocks, sides of 16 for FP8 kernels. LoRA
+    factors always stay in full precision."""
     if type(layer) not in (torch.nn.Linear, torch.nn.Conv2d) or "lora_" in name:
         return False
     if any(re.fullmatch(pattern, name) for pattern in keep):
@@ -127,23 +142,4 @@ def quantizable(
     out_channels, in_channels = layer.weight.shape[:2]
     if max(out_channels, in_channels) <= min_dim:
         return False
-    return not (in_channels % BLOCK.get(fmt, 16) or out_channels % 16)
-
-
-def quantize_linears(
-    module: torch.nn.Module,
-    keep: Sequence[str] = (),
-    min_dim: int = 0,
-    quantize_activations: Callable | None = None,
-) -> list[str]:
-    """Swap every quantizable Linear of `module` for a Float8Linear around it, in place,
-    and return the swapped names (the GPU check's FP8 denoisers). A LoRA-wrapped layer's
-    base is swapped and its LoRA branch stays in full precision beside it."""
-    swapped = []
-    for name, layer in list(module.named_modules()):
-        if isinstance(layer, torch.nn.Linear) and quantizable(name, layer, keep, min_dim):
-            parent_name, _, child = name.rpartition(".")
-            parent = module.get_submodule(parent_name)
-            setattr(parent, child, Float8Linear(layer, quantize_activations=quantize_activations))
-            swapped.append(name)
-    return swapped
+    return not (layer.weight[0].numel() % BLOCK.get(fmt, 16) or out_channels % 16)
