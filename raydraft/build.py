@@ -73,4 +73,4 @@ def rollout_copy(cfg: ExperimentConfig) -> RolloutCopy | None:
 def explorer(cfg: ExperimentConfig) -> Explorer | None:
     """Explore-select-regenerate for the rollouts (`rollout.explore`); None without it."""
     explore = cfg.rollout.explore
-    return None if explore is None else Explorer(explore, cfg.sampler)
+    return None if explore is None else Explorer(explore, cfg.sampler, cfg.rollout.fidelity_k)

@@ -53,8 +53,10 @@ def select(rewards: torch.Tensor, valid: torch.Tensor, keep: int, rule: str) -> 
 
 
 class Explorer:
-    def __init__(self, cfg: ExploreConfig, sampler_cfg: SamplerConfig) -> None:
-        self.cfg, self.sampler_cfg = cfg, sampler_cfg
+    def __init__(self, cfg: ExploreConfig, sampler_cfg: SamplerConfig, fidelity_k: int) -> None:
+        """`fidelity_k`: the top/bottom-k of the preview-against-regenerated agreement
+        that `generate` logs for every explored batch."""
+        self.cfg, self.sampler_cfg, self.fidelity_k = cfg, sampler_cfg, fidelity_k
 
     def select_batch(
         self,

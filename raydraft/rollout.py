@@ -112,6 +112,13 @@ def generate(
         )
         components = component_scores(reward)
         seconds["reward"] = time.perf_counter() - start
+    if explorer is not None and rewards is not None:
+        # The preview's ranking of the selected seeds against their regenerations'
+        # (free: both were scored), the agreement that selection relies on.
+        keep = valid & ~preview.isnan()
+        stats |= ranking_fidelity(
+            preview[keep], rewards[keep], batch.prompt_ids[keep], explorer.fidelity_k
+        )
     if low and rewards is not None and low.audits(batch.iteration):
         start = time.perf_counter()
         stats |= audit_ranking(algorithm, policy, reward, batch, seed, rewards, valid,

@@ -43,3 +43,12 @@ def test_rewards_bench_prints_a_ratio_per_reward():
     rows = [line for line in out.splitlines() if re.match(r"\| (pickscore|ocr) ", line)]
     assert [r.split(" | ")[0] for r in rows] == ["| pickscore", "| ocr"], out
     assert all(float(r.rstrip(" |").split(" | ")[-1]) > 0 for r in rows)
+
+
+@pytest.mark.slow  # trains the embedded default one iteration per arm and evaluates (~30 s)
+def test_lowprec_bench_prints_a_row_per_arm(capsys):
+    assert main(["bench", "lowprec", "minutes=0", "eval_per_category=1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| full", "| fp8-explore", "| nvfp4-explore"]
+    # fidelity: none in full precision, one audit per explored iteration
+    assert rows[0].endswith("| - |") and all(r.endswith("(1) |") for r in rows[1:])
