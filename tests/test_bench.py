@@ -52,3 +52,8 @@ def test_lowprec_bench_prints_a_row_per_arm(capsys):
     assert [r.split(" | ")[0] for r in rows] == ["| full", "| fp8-explore", "| nvfp4-explore"]
     # fidelity: none in full precision, one audit per explored iteration
     assert rows[0].endswith("| - |") and all(r.endswith("(1) |") for r in rows[1:])
+
+
+def test_an_unknown_bench_option_names_the_known_ones():
+    with pytest.raises(SystemExit, match=r"draft-cost: unknown option 'batchsize'; options: \["):
+        main(["bench", "draft-cost", "batchsize=4"])

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from raydraft.bench.machine import describe
+from raydraft.bench.options import parse_options
 from raydraft.bench.timing import median_seconds
 
 DEFAULTS = {"config": "toy-draft-k", "batch": 8, "steps": 8, "repeats": 3}
@@ -79,12 +80,7 @@ def measure(config: str, batch: int, steps: int, k: int, checkpoint: bool, repea
 
 
 def run(options: list[str]) -> list[dict]:
-    opts = dict(DEFAULTS)
-    for item in options:
-        key, _, value = item.partition("=")
-        if key not in opts:
-            raise SystemExit(f"draft-cost: unknown option {key!r}; options: {sorted(opts)}")
-        opts[key] = type(DEFAULTS[key])(value)
+    opts = parse_options("draft-cost", options, DEFAULTS)
     steps = opts["steps"]
     ks = sorted({1, 2, steps // 2, steps})
     print(

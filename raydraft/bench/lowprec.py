@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from raydraft.bench.machine import describe
+from raydraft.bench.options import parse_options
 
 EXPLORE = "rollout.explore={candidates: 32}"
 ARMS = {
@@ -38,12 +39,7 @@ def run(options: list[str]) -> None:
     from raydraft.config import load_config
     from raydraft.trainer import Trainer
 
-    opts = dict(DEFAULTS)
-    for item in options:
-        key, _, value = item.partition("=")
-        if key not in opts:
-            raise SystemExit(f"lowprec: unknown option {key!r}; options: {sorted(opts)}")
-        opts[key] = type(DEFAULTS[key])(value)
+    opts = parse_options("lowprec", options, DEFAULTS)
     arms = opts["arms"].split(",")
     unknown = set(arms) - set(ARMS)
     if unknown:
