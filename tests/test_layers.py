@@ -14,8 +14,9 @@ LAYERS = [
     {"offload", "ema", "rewards", "sampling", "precision"},
     {"algorithms", "evaluation", "run_dir", "checkpoint", "report", "dashboards", "explore"},
     {"rollout", "build", "embedded"},
-    {"learner", "bench"},
+    {"learner"},
     {"trainer"},
+    {"bench"},
     {"cli"},
     {"__main__"},
 ]
