@@ -24,7 +24,7 @@ from raydraft.data.prompts import PromptBatch
 from raydraft.models.base import Policy
 from raydraft.precision.rollout_copy import RolloutCopy
 from raydraft.rewards.base import Reward, score_or_drop
-from raydraft.sampling.loop import denoise
+from raydraft.sampling.loop import sample_images
 from raydraft.sampling.samplers import build_sampler
 from raydraft.seeds import candidate_seeds
 
@@ -74,12 +74,10 @@ class Explorer:
         preview = build_sampler(deterministic, policy, steps)
         copy = low_precision.sampling(policy) if low_precision else nullcontext()
         with torch.no_grad(), copy:
-            cond = policy.encode(candidates.prompts)
-            x0 = denoise(
-                policy, cond, policy.initial_noise(candidates.seeds.tolist()), preview,
-                range(steps), sampler_cfg.guidance_scale,
-            ).x  # fmt: skip
-            images = policy.decode(x0).float()
+            images = sample_images(
+                policy, preview, candidates.prompts, candidates.seeds.tolist(),
+                sampler_cfg.guidance_scale,
+            ).float()  # fmt: skip
         rewards, valid = score_or_drop(
             reward, images, candidates.prompts, candidates.metadata, True
         )
