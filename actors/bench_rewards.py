@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ray import serve
 
 from raydraft.bench.machine import describe
+from raydraft.bench.options import parse_options
 from raydraft.bench.reward_models import (
     CLIP_SIZES,
     save_aesthetic_mlp,
@@ -74,12 +75,7 @@ def text_images(batch: int, side: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def run(options: list[str]) -> None:
-    opts = dict(DEFAULTS)
-    for option in options:
-        key, value = option.split("=", 1)
-        if key not in opts:
-            raise SystemExit(f"rewards: unknown option {key!r}; options: {sorted(opts)}")
-        opts[key] = type(DEFAULTS[key])(value)
+    opts = parse_options("rewards", options, DEFAULTS)
     batch, threads, repeats = opts["batch"], opts["threads"], opts["repeats"]
     torch.set_num_threads(threads)
     connect(None, num_cpus=max(4, 2 * threads))

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from raydraft.bench.machine import describe
+from raydraft.bench.options import parse_options
 from raydraft.config import load_config
 from raydraft.data.prompts import PromptBatch
 from raydraft.rollout import RolloutResult
@@ -216,9 +217,9 @@ def weight_sync(size_mb: int, workers: int, transport: str, repeats: int = 3) ->
 
 
 def run(options: list[str]) -> None:
-    opts = dict(DEFAULTS) | dict(o.split("=", 1) for o in options)
-    steps = int(opts["steps"])
-    stage = {k: float(opts[k]) for k in ("rollout_s", "reward_s", "update_s")}
+    opts = parse_options("system", options, DEFAULTS)
+    steps = opts["steps"]
+    stage = {k: opts[k] for k in ("rollout_s", "reward_s", "update_s")}
     threads = os.cpu_count() or 1
     connect(None, num_cpus=max(8, threads))
     print(f"# raydraft bench system: {describe()}, ray {ray.__version__}")

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import ray
 from ray._private import ray_constants
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
 # Without this Ray on Linux resolves 127.0.0.1 to the machine's external address and
 # binds GCS, raylet and metrics there.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+WILDCARD_HOSTS = ("[::]", "0.0.0.0", "")
 
 # How a dead actor shows when its results are fetched.
 WORKER_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to `address` (or RAY_ADDRESS); without either start a loopback-only local
-    instance. Returns True when this call started Ray (and so should shut it down)."""
+    """Connect to `address` (or RAY_ADDRESS); without either start a local instance that
+    listens on loopback only and takes Ray's token authentication. Returns True when this
+    call started Ray (and so should shut it down)."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -30,11 +34,45 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
-        runtime_env={"env_vars": dict(LOOPBACK_ENV)},
+        runtime_env={
+            "env_vars": dict(LOOPBACK_ENV),
+            "worker_process_setup_hook": f"{__name__}.{bind_grpc_to_loopback.__name__}",
+        },
         configure_logging=False,
         log_to_driver=True,
     )
+    if not is_token_auth_enabled():  # Ray enables it for a new local instance unless told not to
+        warnings.warn(
+            "the local Ray instance runs without token authentication "
+            f"(RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE')}): any local user can call it",
+            stacklevel=2,
+        )
     return True
+
+
+def bind_grpc_to_loopback() -> None:
+    """Worker setup hook of the local instance: gRPC servers that Ray binds to every
+    interface bind to loopback instead.
+
+    Each Serve replica starts an inter-deployment gRPC server on `[::]:0`, hard-coded in
+    Ray (ray-project/ray#64544); raydraft's handles never use it (it serves only
+    RAY_SERVE_USE_GRPC_BY_DEFAULT), and on a one-machine instance loopback is the only
+    address anything dials. Ray's helper `add_port_to_grpc_server` is patched where the
+    replica module finds it, before that module is imported (or in it, if it was)."""
+    import sys
+
+    from ray._common import tls_utils
+
+    bind = tls_utils.add_port_to_grpc_server
+
+    def bind_on_loopback(server: object, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        return bind(server, f"127.0.0.1:{port}" if host in WILDCARD_HOSTS else address)
+
+    tls_utils.add_port_to_grpc_server = bind_on_loopback
+    replica = sys.modules.get("ray.serve._private.replica")
+    if replica is not None:
+        replica.add_port_to_grpc_server = bind_on_loopback
 
 
 def actor_threads(cpus: float, configured: int | None) -> int:

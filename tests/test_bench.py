@@ -54,6 +54,14 @@ def test_lowprec_bench_prints_a_row_per_arm(capsys):
     assert rows[0].endswith("| - |") and all(r.endswith("(1) |") for r in rows[1:])
 
 
-def test_an_unknown_bench_option_names_the_known_ones():
-    with pytest.raises(SystemExit, match=r"draft-cost: unknown option 'batchsize'; options: \["):
-        main(["bench", "draft-cost", "batchsize=4"])
+@pytest.mark.parametrize(
+    ("bench", "count"),
+    [("draft-cost", "steps"), ("gpu", "steps"), ("sampler", "batch"), ("lowprec", "seed"),
+     ("rewards", "batch"), ("system", "steps")],
+)  # fmt: skip
+def test_an_unknown_or_mistyped_bench_option_is_named(bench, count):
+    """Each bench reads its options before it starts anything (Ray, a model, a GPU)."""
+    with pytest.raises(SystemExit, match=rf"{bench}: unknown option 'batchsize'; options: \["):
+        main(["bench", bench, "batchsize=4"])
+    with pytest.raises(SystemExit, match=rf"{bench}: option {count}='two' is not a int"):
+        main(["bench", bench, f"{count}=two"])

@@ -27,9 +27,10 @@ from contextlib import contextmanager
 import torch
 
 from raydraft.bench.machine import describe
+from raydraft.bench.options import parse_options
 from raydraft.bench.timing import median_seconds
 
-DEFAULTS = {"size": "full", "families": "sd3,flux", "steps": 10, "repeats": 2}
+DEFAULTS = {"size": "full", "families": "sd3,flux", "steps": 10, "repeats": 2, "device": "cuda"}
 BATCH = {("sd3", "full"): 8, ("flux", "full"): 4, ("sd3", "small"): 2, ("flux", "small"): 2}
 SIDE = {"full": 1024, "small": 64}
 GUIDANCE = {"sd3": 4.5, "flux": 3.5}  # the pipelines' defaults
@@ -47,13 +48,13 @@ class Table:
 
 
 def run(options: list[str]) -> None:
-    opts = dict(DEFAULTS) | dict(o.split("=", 1) for o in options)
-    device = opts.get("device", "cuda")
+    opts = parse_options("gpu", options, DEFAULTS)
+    device = opts["device"]
     if device == "cuda" and not torch.cuda.is_available():
         print("raydraft bench gpu: no CUDA GPU on this machine, so there is nothing to check "
               f"({describe()}). Run it where a GPU is.")  # fmt: skip
         return
-    size, steps, repeats = opts["size"], int(opts["steps"]), int(opts["repeats"])
+    size, steps, repeats = opts["size"], opts["steps"], opts["repeats"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"# raydraft bench gpu: {describe(device)}, {size} models, {dtype}, "
           f"{steps} sampler steps, median of {repeats}")  # fmt: skip

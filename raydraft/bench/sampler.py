@@ -16,9 +16,12 @@ import tempfile
 import torch
 
 from raydraft.bench.machine import describe
+from raydraft.bench.options import parse_options
 from raydraft.bench.timing import median_seconds
 
-DEFAULTS = {"family": "sd", "size": "small", "batch": 4, "steps": 10, "repeats": 3}
+# guidance 0 and dtype "": the family's default guidance, bfloat16 on a GPU (else float32).
+DEFAULTS = {"family": "sd", "size": "small", "batch": 4, "steps": 10, "repeats": 3,
+            "guidance": 0.0, "dtype": ""}  # fmt: skip
 GUIDANCE = {"sd": 7.5, "flux": 3.5}  # the pipelines' defaults (FLUX: the embedded guidance)
 T5_TOKENS = {"small": 128, "full": 512}  # FLUX prompt length
 SIDES = {("sd", "small"): 32, ("sd", "full"): 512, ("flux", "small"): 64, ("flux", "full"): 1024}
@@ -178,12 +181,12 @@ def run(options: list[str]) -> None:
     from raydraft.sampling.samplers import build_sampler
     from raydraft.seeds import SDE_NOISE
 
-    opts = dict(DEFAULTS) | dict(o.split("=", 1) for o in options)
+    opts = parse_options("sampler", options, DEFAULTS)
     family, size = opts["family"], opts["size"]
-    batch, steps, repeats = int(opts["batch"]), int(opts["steps"]), int(opts["repeats"])
-    guidance = float(opts.get("guidance", GUIDANCE[family]))
+    batch, steps, repeats = opts["batch"], opts["steps"], opts["repeats"]
+    guidance = opts["guidance"] or GUIDANCE[family]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = opts.get("dtype", "bfloat16" if device == "cuda" else "float32")
+    dtype = opts["dtype"] or ("bfloat16" if device == "cuda" else "float32")
     prompts = [f"a photo of thing {i}" for i in range(batch)]
     seeds = list(range(batch))
     samplers = {  # label: sampler config (the stochastic one records log-probs)
