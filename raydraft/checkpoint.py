@@ -9,18 +9,22 @@ never leaves a half-written checkpoint that resume would pick up.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from raydraft.ema import EMA
+from raydraft.local_weights import first_line
 from raydraft.models.base import Policy
 
 _PREFIX = "step-"
+logger = logging.getLogger(__name__)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -98,9 +102,13 @@ def load_checkpoint(
     return groups, optimizer, state
 
 
-def load_for_inference(policy: Policy, run_dir: str | Path) -> int:
-    """The newest checkpoint's weights into `policy` (its EMA weights when it kept them)."""
-    tensors, _, state = load_checkpoint(newest_checkpoint(Path(run_dir) / "checkpoints"))
+def load_for_inference(policy: Policy, run_dir: str | Path, step: int | None = None) -> int:
+    """Checkpoint `step`'s weights (default: the newest complete checkpoint's) into `policy`,
+    its EMA weights when it kept them: what sampling, evaluation and export use. Returns the
+    step."""
+    root = Path(run_dir) / "checkpoints"
+    path = newest_checkpoint(root) if step is None else checkpoint_at(root, step)
+    tensors, _, state = load_checkpoint(path)
     policy.load_trainable(tensors["trainable"], state["policy_version"])
     if "ema" in tensors:
         ema = EMA(policy.trainable_parameters(), decay=0.5)
@@ -109,8 +117,49 @@ def load_for_inference(policy: Policy, run_dir: str | Path) -> int:
     return state["step"]
 
 
+def checkpoint_at(root: Path, step: int) -> Path:
+    """The checkpoint of `step` under `root`; the error lists the steps there are, or names
+    the file that cannot be loaded."""
+    path = root / f"{_PREFIX}{step:06d}"
+    if not path.is_dir():
+        steps = [int(p.name.removeprefix(_PREFIX)) for p in list_checkpoints(root)]
+        raise FileNotFoundError(f"{root}: no checkpoint of step {step} (there are steps {steps})")
+    problem = incomplete(path)
+    if problem is not None:
+        raise FileNotFoundError(problem)
+    return path
+
+
 def newest_checkpoint(root: Path) -> Path:
+    """The newest complete checkpoint under `root`. Checkpoints are renamed into place whole,
+    but a full disk or an interrupted copy of a run directory can still cut a file short:
+    such a checkpoint is skipped with a warning naming the file and the checkpoint used
+    instead (`checkpoint.keep` retains the previous ones for this)."""
     found = list_checkpoints(root)
     if not found:
-        raise FileNotFoundError(f"{root}: no checkpoint to resume from")
-    return found[-1]
+        raise FileNotFoundError(f"{root}: no checkpoint there")
+    skipped = []
+    for path in reversed(found):
+        problem = incomplete(path)
+        if problem is None:
+            for bad in skipped:
+                logger.warning("%s; using %s instead", bad, path)
+            return path
+        skipped.append(problem)
+    raise FileNotFoundError(f"{root}: no complete checkpoint ({'; '.join(skipped)})")
+
+
+def incomplete(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be loaded, naming the file; None when it can. Reads only
+    state.json and the safetensors header, which records the file's full length."""
+    tensors, state = path / "tensors.safetensors", path / "state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError) as err:
+        return f"{state} cannot be loaded ({first_line(err)})"
+    try:
+        with safe_open(str(tensors), "pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        return f"{tensors} cannot be loaded ({first_line(err)})"
+    return None

@@ -1,4 +1,4 @@
-"""`raydraft train | eval | sample | serve-rewards | dashboards | bench`: the command line."""
+"""`raydraft train | eval | sample | export | serve-rewards | dashboards | bench | report`."""
 
 from __future__ import annotations
 
@@ -26,18 +26,25 @@ def _run_dir(name: str) -> Path:
     return path
 
 
+def _run_config(run_dir: Path, overrides: list[str], option: str) -> ExperimentConfig:
+    """The config a run directory was trained with (`option` names where it was given)."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{option} {run_dir}: no config.yaml there (not a run directory)")
+    return load_config(config_path, overrides)
+
+
 def train(args: argparse.Namespace) -> int:
+    from raydraft.rewards.registry import check_reward_names
     from raydraft.trainer import Trainer
 
     if args.resume:
         run_dir = Path(args.resume)
-        config_path = run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
-        cfg = load_config(config_path, args.overrides)
+        cfg = _run_config(run_dir, args.overrides, "--resume")
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.name)
+    check_reward_names(cfg.rewards)
     if args.max_steps:
         cfg = cfg.model_copy(update={"max_steps": args.max_steps})
     if args.local:
@@ -151,6 +158,25 @@ def sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """A run's checkpoint (EMA weights where kept, as `sample --run-dir` draws) in the form
+    that its model's own tools load: a diffusers LoRA (`pipe.load_lora_weights(OUT)`), a
+    whole diffusers pipeline for a full fine-tune, or a toy model directory (`model.path`)."""
+    from raydraft.build import build_policy
+    from raydraft.checkpoint import load_for_inference
+
+    run_dir = Path(args.run_dir)
+    cfg = _run_config(run_dir, args.overrides, "--run-dir")
+    policy = build_policy(cfg.model)
+    write = getattr(policy, "export", None)
+    if write is None:
+        raise ConfigError(f"model.family {cfg.model.family!r}: raydraft cannot export it yet")
+    step = load_for_inference(policy, run_dir, args.step)
+    write(args.out)
+    print(f"{run_dir} step {step} -> {args.out}")
+    return 0
+
+
 def serve_rewards(args: argparse.Namespace) -> int:
     """The config's rewards on Ray Serve behind HTTP until interrupted."""
     import os
@@ -159,11 +185,13 @@ def serve_rewards(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from raydraft.rewards.registry import check_reward_names
     from raydraft_ray.cluster import connect
     from raydraft_ray.engine import required_cpus
     from raydraft_ray.reward_http import serve_rewards_http
 
     cfg = load_config(args.config, args.overrides)
+    check_reward_names(cfg.rewards)
     started = connect(args.address, num_cpus=max(os.cpu_count() or 1, required_cpus(cfg)))
     try:
         with _sigterm_interrupts():
@@ -182,6 +210,14 @@ def dashboards(args: argparse.Namespace) -> int:
 
     for path in write(args.out):
         print(path)
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """One self-contained report.html of a run directory (charts, samples, eval, config)."""
+    from raydraft.report.page import write_report
+
+    print(write_report(args.run_dir, args.out))  # not a run directory: FileNotFoundError
     return 0
 
 
@@ -233,6 +269,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampler.eval_num_steps=30")
     p.set_defaults(func=sample)
 
+    p = commands.add_parser("export", help="a run's weights as a diffusers LoRA or pipeline")
+    p.add_argument("--run-dir", required=True, help="the run directory")
+    p.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.path=DIR")
+    p.set_defaults(func=export)
+
     p = commands.add_parser("serve-rewards", help="the config's rewards as an HTTP endpoint")
     p.add_argument("--config", required=True, help="YAML file or shipped config name")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ray.reward_http.port=9000")
@@ -247,14 +290,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="benchmark name, e.g. draft-cost")
     p.add_argument("options", nargs="*", help="key=value options of the benchmark")
     p.set_defaults(func=bench)
+
+    p = commands.add_parser("report", help="write a run's self-contained report.html")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    p.set_defaults(func=report)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command. Mistakes a user fixes in their input (a config, a path that holds
+    nothing: raydraft raises FileNotFoundError only for paths it was given) end in one
+    line and exit status 2, not a traceback."""
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"raydraft: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

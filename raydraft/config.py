@@ -339,6 +339,14 @@ class LoggingConfig(Section):
     # Prometheus /metrics of the driving process on this port (0: any free one; None: off).
     metrics_port: NonNegativeInt | None = None
     metrics_host: str = "127.0.0.1"
+    # Experiment trackers, fed every metrics row and sample grid (`raydraft.trackers`;
+    # pip install 'raydraft[trackers]'). Weights & Biases runs in RUN_DIR/wandb; its mode
+    # None follows WANDB_MODE (offline: no login, `wandb sync` later).
+    wandb: bool = False
+    wandb_project: str = "raydraft"
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline"] | None = None
+    tensorboard: bool = False  # event files in RUN_DIR/tensorboard
 
 
 class RewardServingConfig(Section):

@@ -29,18 +29,20 @@ from raydraft.build import (
 )
 from raydraft.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
 from raydraft.config import ExperimentConfig
-from raydraft.data.prompts import load_prompts
+from raydraft.data.prompts import load_prompts_with_metadata
 from raydraft.evaluation import evaluate, format_table
 from raydraft.learner import Learner
 from raydraft.metrics import MetricsExporter
 from raydraft.models.base import Policy
-from raydraft.report import reward_curve
+from raydraft.report.page import write_report
+from raydraft.report.panels import reward_chart
 from raydraft.rewards.registry import build_reward
 from raydraft.rollout import RolloutResult, generate
-from raydraft.run_dir import RunDirectory
+from raydraft.run_dir import RunDirectory, captioned_grid, grid_prompts
 from raydraft.sampling.loop import sample_images
+from raydraft.trackers import Trackers, open_trackers
 
-SAMPLE_GRID_SIZE = 8
+SAMPLE_GRID_SIZE = 12  # the shapes world's 6 categories twice
 
 
 class Engine(Protocol):
@@ -134,13 +136,15 @@ class Trainer:
         self.run = RunDirectory(run_dir)
         self.run.write_config(cfg.to_yaml())
         self.engine = engine or LocalEngine(cfg, policy)
-        prompts = load_prompts(cfg.data.prompts)
-        self.sample_prompts = [prompts[i % len(prompts)] for i in range(SAMPLE_GRID_SIZE)]
+        self.sample_grid = grid_prompts(
+            *load_prompts_with_metadata(cfg.data.prompts), SAMPLE_GRID_SIZE
+        )
+        self.trackers = Trackers([])  # opened by `fit`
         self.step = 0
         self.exporter: MetricsExporter | None = None
         self.metrics_url: str | None = None
         if cfg.logging.metrics_port is not None:
-            self.exporter = MetricsExporter(cfg.name)
+            self.exporter = MetricsExporter(cfg.name, max_staleness=cfg.ray.max_staleness)
             host = cfg.logging.metrics_host
             port = self.exporter.serve(host, cfg.logging.metrics_port)
             self.metrics_url = f"http://{host}:{port}/metrics"
@@ -171,24 +175,45 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> list[dict[str, float]]:
-        """Train to `max_steps` total iterations (resumed runs continue their count)."""
+        """Train to `max_steps` total iterations (resumed runs continue their count), then
+        checkpoint, evaluate if asked, and write report.html (its path is printed)."""
         total = max_steps or self.cfg.max_steps
+        evaluating = self.cfg.logging.eval_per_category > 0
+        self.trackers = open_trackers(
+            self.cfg.logging, self.run.root, self.cfg.name, self.cfg.model_dump(mode="json"),
+            self.step,
+        )  # fmt: skip
+        try:
+            if self.step == 0:
+                self.save_samples()
+                if evaluating:
+                    self.record_eval("base")
+            history = self.train_until(total)
+            self.save_checkpoint()
+            self.save_reward_curve()
+            if evaluating:
+                report = self.record_eval("final")
+                print(format_table({k: report[k] for k in ("base", "final") if k in report}))
+        finally:
+            self.trackers.close()
+        print(f"report: {write_report(self.run.root)}")
+        return history
+
+    def train_until(self, total: int) -> list[dict[str, float]]:
+        """Iterate to step `total`: log, checkpoint and sample on schedule; on Ctrl-C (or
+        SIGTERM) checkpoint before re-raising."""
         history: list[dict[str, float]] = []
         every = self.cfg.checkpoint.every
         bar = tqdm(
             total=total, initial=self.step, disable=not self.cfg.logging.progress_bar,
             desc=self.cfg.name, unit="it",
         )  # fmt: skip
-        evaluating = self.cfg.logging.eval_per_category > 0
-        if self.step == 0:
-            self.save_samples()
-            if evaluating:
-                self.run.write_eval({"base": self.evaluate(), "base_step": 0})
         try:
             while self.step < total:
                 metrics = self.train_step()
                 history.append(metrics)
                 self.run.log_metrics(metrics)
+                self.trackers.log(metrics, self.step)
                 bar.update(1)
                 bar.set_postfix(
                     reward=f"{metrics.get('reward_mean', math.nan):.4f}",
@@ -205,24 +230,25 @@ class Trainer:
             raise
         finally:
             bar.close()
-        self.save_checkpoint()
-        self.save_reward_curve()
-        if evaluating:
-            report = self.run.read_eval()
-            report |= {"final": self.evaluate(), "final_step": self.step}
-            self.run.write_eval(report)
-            print(format_table({k: report[k] for k in ("base", "final") if k in report}))
         return history
 
+    def record_eval(self, which: str) -> dict[str, Any]:
+        """Evaluate now as `which` ("base" or "final") into eval.json and the trackers."""
+        table = self.evaluate()
+        report = self.run.read_eval() if which == "final" else {}
+        report |= {which: table, f"{which}_step": self.step}
+        self.run.write_eval(report)
+        self.trackers.log({f"eval/{c}": v["strict"] for c, v in table.items()}, self.step)
+        if self.exporter is not None:
+            self.exporter.observe_eval(table)
+        return report
+
     def save_reward_curve(self) -> Path:
-        rows = self.run.read_metrics()
+        """reward_curve.png: the report's reward chart, for a glance without a browser."""
         reward = "+".join(c.name for c in self.cfg.rewards.components)
-        return reward_curve(
-            [r["step"] for r in rows],
-            [r.get("reward_mean", math.nan) for r in rows],
-            self.run.root / "reward_curve.png",
-            f"{self.cfg.name}: reward_mean ({reward})",
-        )
+        path = self.run.root / "reward_curve.png"
+        reward_chart(self.run.read_metrics(), f"{self.cfg.name}: reward_mean ({reward})").save(path)
+        return path
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """GenEval-style table on the held-out shapes prompts (EMA weights if kept)."""
@@ -243,10 +269,16 @@ class Trainer:
             return sample_images(policy, sampler, prompts, seeds, self.cfg.sampler.guidance_scale)
 
     def save_samples(self) -> Path | None:
+        """samples/step-N.png and the trackers' "samples" image: the same prompts (every
+        category) and seeds at every step, each image captioned with its prompt."""
         if not self.cfg.logging.sample_every:
             return None
-        images = self.sample_images(self.sample_prompts, list(range(SAMPLE_GRID_SIZE)))
-        return self.run.save_samples(images, self.step)
+        grid = self.sample_grid
+        images = self.sample_images(grid.prompts, list(range(len(grid.prompts))))
+        headers = grid.categories if any(grid.categories) else None
+        picture = captioned_grid(images, grid.prompts, grid.columns, headers)
+        self.trackers.log_image("samples", picture, self.step)
+        return self.run.save_samples(picture, self.step)
 
     # -- checkpoints -----------------------------------------------------------------
     def save_checkpoint(self) -> Path:

@@ -8,6 +8,7 @@ with a byte-level `CLIPTokenizer` built in memory (no vocabulary download).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -146,6 +147,16 @@ class ToyPolicy(TrainableDelegate):
 
     def modules(self) -> list[torch.nn.Module]:
         return [*self.trainable.modules(), self.text_encoder]
+
+    def export(self, out_dir: str | Path) -> None:
+        """The toy model's own directory with the trained weights, a LoRA merged into the
+        layers it adapts: `model.path: out_dir` samples it, or trains on from it."""
+        unet = self.unet
+        if self.trainable.uses_lora:  # a merged copy: the policy keeps its adapter
+            unet = copy.deepcopy(unet)
+            unet.fuse_lora()
+            unet.unload_lora()
+        save_toy_model(out_dir, unet, self.text_encoder, self.tokenizer)
 
     def train(self, mode: bool = True) -> None:
         self.unet.train(mode)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from raydraft.config import RewardsConfig
+from raydraft.config import ConfigError, RewardsConfig
 from raydraft.rewards.base import CompositeReward, Reward
 
 RewardFactory = Callable[..., Reward]
@@ -36,6 +36,20 @@ def reward_names() -> list[str]:
     """Every registered reward's name."""
     _load_builtins()
     return sorted(_REGISTRY)
+
+
+def check_reward_names(cfg: RewardsConfig) -> None:
+    """ConfigError for the first component naming no registered reward, so that a misspelt
+    name fails with the config's other mistakes, before Ray or a model starts, instead of
+    as a KeyError inside a role. A plugin's rewards are registered once `plugins:` imports
+    it, which config loading does first."""
+    names = reward_names()
+    for i, component in enumerate(cfg.components):
+        if component.name not in names:
+            raise ConfigError(
+                f"rewards.components[{i}].name: unknown reward {component.name!r}; registered: "
+                f"{', '.join(names)} (a plugin's rewards: list its module in `plugins`)"
+            )
 
 
 def build_reward(cfg: RewardsConfig) -> CompositeReward:
