@@ -45,6 +45,8 @@ METRICS = (
     Metric("reward_mean", "reward_component_mean", "Mean of each reward component (with two "
            "or more) and of each reward detail (GenEval's strict, OCR failures)", "none",
            "Reward by component", labels=("component",)),
+    Metric("reward_std", "reward_component_std", "Std of each reward component's scores over "
+           "the iteration's samples", "none", "Reward by component", labels=("component",)),
     Metric("images_per_s", "images_per_second", "Images generated and trained on per second "
            "of the iteration", IMAGE_RATE, "Images per second"),
     Metric("images_per_s", "role_images_per_second", "Images per second of each role's own "

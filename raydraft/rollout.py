@@ -59,17 +59,19 @@ class RolloutResult(Rows):
         return len(self.records)
 
     def reward_stats(self) -> dict[str, float]:
-        """Mean and std of the kept black-box rewards (DRaFT logs its rewards in the loss)."""
+        """Mean and std of the kept black-box rewards, and of each component's scores (DRaFT
+        logs its rewards in the loss)."""
         if self.rewards is None:
             return {}
-        kept = self.rewards[self.valid]
-        return {
-            "reward_mean": float(kept.mean()) if kept.numel() else math.nan,
-            "reward_std": float(kept.std()) if kept.numel() > 1 else 0.0,
-        } | {
-            f"reward_mean/{name}": float(scores[self.valid].mean()) if kept.numel() else math.nan
-            for name, scores in self.components.items()
-        }
+        stats = {}
+        for suffix, scores in [
+            ("", self.rewards),
+            *((f"/{n}", s) for n, s in self.components.items()),
+        ]:
+            kept = scores[self.valid]
+            stats[f"reward_mean{suffix}"] = float(kept.mean()) if kept.numel() else math.nan
+            stats[f"reward_std{suffix}"] = float(kept.std()) if kept.numel() > 1 else 0.0
+        return stats
 
 
 def generate(

@@ -62,12 +62,16 @@ def config(*overrides, name="toy-flowgrpo"):
     ("name", "transport"),
     [
         ("toy-flowgrpo", []),
-        ("toy-flowgrpo", COLLECTIVE),
-        ("toy-flowgrpo", FSDP),
+        # collective: in the worker-death tests too; FSDP: in the sharded-state test;
+        # explore: in test_explore.py's one-process run and this test's fp8 case.
+        pytest.param("toy-flowgrpo", COLLECTIVE, marks=SLOW),
+        pytest.param("toy-flowgrpo", FSDP, marks=SLOW),
         ("toy-flowgrpo", ["ray.placement=colocated", "ray.rollout_workers=1"]),
         ("toy-nft", []),
         ("toy-flowgrpo", ["rollout.precision=fp8"]),
-        ("toy-nft", ["rollout.precision=fp8", "rollout.explore={candidates: 6}"]),
+        pytest.param(
+            "toy-nft", ["rollout.precision=fp8", "rollout.explore={candidates: 6}"], marks=SLOW
+        ),
     ],
     ids=[
         "object-store-lora",
@@ -244,7 +248,7 @@ def _rows(path):
 @pytest.mark.parametrize(
     ("how", "transport"),
     [
-        ("ray.kill", []),
+        pytest.param("ray.kill", [], marks=SLOW),  # a restart re-syncs: collective's is harder
         ("SIGKILL", COLLECTIVE),
         pytest.param("SIGKILL", [], marks=SLOW),
         pytest.param("ray.kill", COLLECTIVE, marks=SLOW),

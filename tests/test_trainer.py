@@ -184,11 +184,14 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, config):
 
 
 def test_train_command_writes_the_run_directory_contract(tmp_path, monkeypatch):
+    """The run directory is the engine's business of neither: single-process here (the
+    command through Ray: tests/test_loopback.py, tests/test_ray_job.py)."""
     monkeypatch.chdir(tmp_path)
     overrides = [o for o in GRPO if not o.startswith(("logging.sample", "checkpoint"))]
     code = main(
-        ["train", "--max-steps", "2", *overrides, "logging.sample_every=1", "checkpoint.every=1"]
-    )
+        ["train", "--local", "--max-steps", "2", *overrides, "logging.sample_every=1",
+         "checkpoint.every=1"]
+    )  # fmt: skip
     assert code == 0
     run = tmp_path / "runs" / DEFAULT_CONFIG
     assert load_config(run / "config.yaml").max_steps == 2
@@ -202,9 +205,9 @@ def test_train_command_writes_the_run_directory_contract(tmp_path, monkeypatch):
         "step-000000.png", "step-000001.png", "step-000002.png",
     ]  # fmt: skip
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
-    assert (
-        main(["train", "--resume", str(run), "--max-steps", "3", "logging.progress_bar=false"]) == 0
-    )
+    assert (run / "report.html").is_file() and (run / "reward_curve.png").is_file()
+    resume = ["train", "--local", "--resume", str(run), "--max-steps", "3"]
+    assert main([*resume, "logging.progress_bar=false"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 

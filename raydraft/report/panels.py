@@ -60,17 +60,18 @@ def recorded_keys(rows: Rows) -> list[str]:
     return list(keys)
 
 
-def reward_chart(rows: Rows, title: str) -> Image.Image:
-    """reward_mean ± reward_std per step with its moving average (also reward_curve.png)."""
-    steps, means = column(rows, "reward_mean")
-    std = dict(zip(*column(rows, "reward_std"), strict=True))
+def reward_chart(rows: Rows, title: str, part: str = "") -> Image.Image:
+    """reward_mean ± reward_std per step (of the component `part`, "/NAME", if given) with
+    its moving average (the total's is also reward_curve.png)."""
+    steps, means = column(rows, f"reward_mean{part}")
+    std = dict(zip(*column(rows, f"reward_std{part}"), strict=True))
     band = [std.get(s, math.nan) for s in steps] if std else None
-    return line_chart(title, [Series("reward_mean", steps, means, band, smooth=True)])
+    return line_chart(title, [Series(f"reward_mean{part}", steps, means, band, smooth=True)])
 
 
 def reward_figures(rows: Rows, reward_name: str) -> list[Figure]:
     """The total reward and, for a weighted sum (or a reward with details), each part's
-    mean on its own scale."""
+    mean ± std on its own scale."""
     if not column(rows, "reward_mean")[0]:
         return [Figure("Reward", note="no reward_mean recorded in this run")]
     figures = [
@@ -81,8 +82,8 @@ def reward_figures(rows: Rows, reward_name: str) -> list[Figure]:
     ]
     for key in recorded_keys(rows):
         if key.startswith("reward_mean/"):
-            chart = line_chart(key, [Series(key, *column(rows, key), smooth=True)])
-            figures.append(Figure(f"{key}: its mean over the iteration's samples", chart))
+            chart = reward_chart(rows, key, key.removeprefix("reward_mean"))
+            figures.append(Figure(f"{key}: its mean ± std over the iteration's samples", chart))
     return figures
 
 
@@ -146,7 +147,7 @@ def other_figures(rows: Rows, shown: set[str]) -> tuple[list[Figure], dict[str, 
     that stayed constant (a learning rate, a batch size)."""
     figures, constants = [], {}
     for key in recorded_keys(rows):
-        if key in shown or key.startswith("reward_mean/"):
+        if key in shown or key.startswith(("reward_mean/", "reward_std/")):
             continue
         steps, values = column(rows, key)
         if constant(values):
