@@ -168,11 +168,8 @@ def export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = _run_config(run_dir, args.overrides, "--run-dir")
     policy = build_policy(cfg.model)
-    write = getattr(policy, "export", None)
-    if write is None:
-        raise ConfigError(f"model.family {cfg.model.family!r}: raydraft cannot export it yet")
     step = load_for_inference(policy, run_dir, args.step)
-    write(args.out)
+    policy.export(args.out)
     print(f"{run_dir} step {step} -> {args.out}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -133,6 +134,11 @@ class Policy(Protocol):
         """Every module the policy keeps on its device, the frozen reference included (not
         text encoders offloaded to host memory): what moves when colocated roles swap a
         device (`raydraft.offload`)."""
+        ...
+
+    def export(self, out_dir: str | Path) -> None:
+        """The current weights in the form the family's own tools load (`raydraft export`):
+        a diffusers LoRA, a whole diffusers pipeline, or the toy model's directory."""
         ...
 
 
