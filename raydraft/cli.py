@@ -141,7 +141,7 @@ def sample(args: argparse.Namespace) -> int:
     """Images for prompts with the deterministic sampler: a base model or a run's weights."""
     from raydraft.build import build_policy, eval_sampler
     from raydraft.checkpoint import load_for_inference
-    from raydraft.run_dir import image_grid
+    from raydraft.sample_grids import image_grid
     from raydraft.sampling.loop import sample_images
 
     run_dir = Path(args.run_dir) if args.run_dir else None

@@ -38,7 +38,8 @@ from raydraft.report.page import write_report
 from raydraft.report.panels import reward_chart
 from raydraft.rewards.registry import build_reward
 from raydraft.rollout import RolloutResult, generate
-from raydraft.run_dir import RunDirectory, captioned_grid, grid_prompts
+from raydraft.run_dir import RunDirectory
+from raydraft.sample_grids import captioned_grid, grid_prompts
 from raydraft.sampling.loop import sample_images
 from raydraft.trackers import Trackers, open_trackers
 

@@ -18,7 +18,7 @@ from PIL import Image
 from tiny_models import PROMPTS, pipeline_images, save_tiny_sd
 
 from raydraft.cli import main
-from raydraft.run_dir import image_grid
+from raydraft.sample_grids import image_grid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

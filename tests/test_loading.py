@@ -26,7 +26,7 @@ from tiny_models import (
 
 from raydraft.build import build_policy
 from raydraft.config import ConfigError, LoraConfig, ModelConfig, SamplerConfig, load_config
-from raydraft.run_dir import image_grid
+from raydraft.sample_grids import image_grid
 from raydraft.sampling.loop import sample_images
 from raydraft.sampling.samplers import build_sampler
 

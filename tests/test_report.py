@@ -22,7 +22,7 @@ from raydraft.data.prompts import load_prompts_with_metadata
 from raydraft.data.shapes import CATEGORIES
 from raydraft.report.charts import Series, format_value, line_chart, moving_average, nice_ticks
 from raydraft.report.page import SECTIONS, write_report
-from raydraft.run_dir import SAMPLE_CELL, captioned_grid, grid_prompts
+from raydraft.sample_grids import SAMPLE_CELL, captioned_grid, grid_prompts
 from raydraft.trainer import SAMPLE_GRID_SIZE, Trainer
 
 MAX_REPORT_BYTES = 2_000_000  # a 2-step toy run's report is about 0.4 MB

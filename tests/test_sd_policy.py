@@ -31,7 +31,7 @@ from raydraft.config import LoraConfig, ModelConfig
 from raydraft.models.base import Policy
 from raydraft.models.sd import SDPolicy
 from raydraft.models.sd3 import SD3Policy
-from raydraft.run_dir import image_grid
+from raydraft.sample_grids import image_grid
 from raydraft.sampling.samplers import DDIMSampler
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
