@@ -165,8 +165,8 @@ class Trainer:
         rho, floor = result.stats.get("fidelity_spearman_rho"), self.cfg.rollout.fidelity_floor
         if rho is not None and rho < floor:
             warnings.warn(
-                f"step {self.step}: the {result.precision} rollouts rank samples unlike full "
-                f"precision (within-group Spearman {rho:.3f} < rollout.fidelity_floor "
+                f"step {self.step}: the {self.cfg.rollout.precision} rollout copy ranks samples "
+                f"unlike full precision (within-group Spearman {rho:.3f} < rollout.fidelity_floor "
                 f"{floor}); consider a wider format or keeping more layers in full precision",
                 stacklevel=2,
             )
