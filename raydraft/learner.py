@@ -88,6 +88,13 @@ class Learner:
                     policy, [p for step in parts for p, _ in step if p is not None],
                     cfg.rollout.is_truncation,
                 )  # fmt: skip
+        elif not getattr(algorithm, "behaviour_in_rollout", True):
+            # On-policy and left out of the rollout: the first step's own forward pass is
+            # the behaviour of its rows; the later steps' rows get theirs now, before any step.
+            plan_stats |= algorithm.recompute_behaviour(
+                policy, [p for step in parts[1:] for p, _ in step if p is not None],
+                cfg.rollout.is_truncation,
+            )  # fmt: skip
         weighted: dict[str, float] = defaultdict(float)  # sum over micro-batches of share * stat
         grad_norms = []
         for step_parts in parts:

@@ -162,3 +162,43 @@ def test_kl_penalty_uses_the_reference_policy():
         algo.cfg.model_copy(update={"kl_beta": 0.0}), algo.sampler, algo.guidance
     ).loss(policy, micro)[0]
     assert float((loss - without).detach()) == pytest.approx(0.5 * 0.04)
+
+
+def test_an_on_policy_rollout_leaves_the_behaviour_to_the_learner_and_trains_the_same():
+    """Without v_old in the rollout, the first step's loss takes its own forward pass and
+    the later steps' predictions are made before any step (as `Learner.update` does): the
+    same losses and the same θ as the rollout that recorded them; a later step whose
+    predictions were not made is an error, not a silent on-policy loss."""
+
+    def train(behaviour_in_rollout: bool) -> tuple[list[float], torch.Tensor]:
+        policy, sampler, algo, reward = make_setup(timestep_fraction=0.5)
+        algo = DiffusionNFT(algo.cfg, sampler, 1.0, behaviour_in_rollout)
+        batch = grouped_batch(4, 4, 3)
+        rollout = algo.rollout(policy, batch, torch.Generator().manual_seed(0))
+        assert (rollout.old_predictions is None) != behaviour_in_rollout
+        rewards = reward.score(rollout.images, batch.prompts, batch.metadata)
+        updates, _ = algo.plan_updates(
+            rollout, rewards, torch.ones(len(batch), dtype=torch.bool), 4, 1,
+            torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        assert len(updates) == 4 and all(m.first_step for m in updates[0])
+        if not behaviour_in_rollout:
+            with pytest.raises(RuntimeError, match="later optimizer step"):
+                algo.loss(policy, updates[1][0])
+            algo.recompute_behaviour(policy, [m for step in updates[1:] for m in step], 1.0)
+        optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=0.1)
+        losses = []
+        for micro_batches in updates:
+            optimizer.zero_grad(set_to_none=True)
+            for micro in micro_batches:
+                loss = algo.loss(policy, micro)[0]
+                (loss / len(micro_batches)).backward()
+                losses.append(float(loss.detach()))
+            optimizer.step()
+        return losses, policy.theta.detach().clone()
+
+    recorded, theta_recorded = train(True)
+    deferred, theta_deferred = train(False)
+    assert deferred == pytest.approx(recorded, rel=1e-6)
+    assert_close(theta_deferred, theta_recorded, rtol=1e-6, atol=1e-9)
+    assert (theta_recorded - make_setup()[0].theta).abs().max() > 1e-3  # it trained
