@@ -1,8 +1,12 @@
 """`raydraft bench system`: the Ray runtime against the single-process trainer.
 
-Three tables, each measured side by side in one run on one local Ray instance:
+Four tables, each measured side by side in one run:
+0. the default: `raydraft train` of the shipped default config as a user runs it, through
+   Ray and with --local, on the idle machine and beside a process that keeps one core busy:
+   seconds per iteration, and seconds from the command to its first iteration;
 1. overhead: images/s of the Ray system in sync mode over the single-process trainer,
-   same toy work and thread budget (real sampling, reward serving and updates);
+   same toy work and thread budget (real sampling, reward serving and updates), on one
+   local Ray instance (as are tables 2 and 3);
 2. async vs sync: learner busy fraction and images/s with stage costs in chosen
    proportions (the real toy work plus sleeps), for 1, 2, 4, 8 rollout workers;
 3. weight sync: seconds to publish a state of a given size to N workers and have each
@@ -11,9 +15,14 @@ Three tables, each measured side by side in one run on one local Ray instance:
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -48,7 +57,8 @@ DEFAULTS = {
     "workers": "1,2,4,8",
     "sizes_mb": "1,16,128,512",
     "sync_workers": "1,4",
-    "parts": "overhead,schedule,sync",
+    "parts": "default,overhead,schedule,sync",
+    "default_steps": 8,
 }
 # The embedded default's own work (64 images of 10 steps per iteration), minus its logging.
 QUIET = [
@@ -66,6 +76,44 @@ TOY = [
 ]
 
 
+def train_command(engine: str, steps: int, run_dir: str, busy_core: bool) -> dict[str, float]:
+    """`raydraft train` of the default in a fresh process (beside a bounded busy loop when
+    `busy_core`): median seconds per iteration after the first, and the first's latency."""
+    command = [sys.executable, "-m", "raydraft", "train", "--max-steps", str(steps)]
+    command += ["--run-dir", run_dir, *(["--local"] if engine == "local" else [])]
+    burner = None
+    if busy_core:  # another program's busy loop, at the user's priority, ended below
+        burner = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{err.stderr[-3000:]}") from None
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
+    rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    return {
+        "iteration_s": statistics.median(r["time_step_s"] for r in rows[1:]),
+        "time_to_first_iteration_s": rows[0]["time_to_first_iteration_s"],
+    }
+
+
+BUSY_LOOP = "import time\nend = time.time() + 900\nwhile time.time() < end: pass"
+
+
+def default_config(steps: int, run_root: str) -> dict[tuple[str, bool], dict[str, float]]:
+    """{(engine, busy_core): train_command's figures}, each engine idle, then loaded."""
+    shutil.rmtree(run_root, ignore_errors=True)
+    return {
+        (engine, busy): train_command(
+            engine, steps, f"{run_root}/{engine}-{'busy' if busy else 'idle'}", busy
+        )
+        for busy in (False, True)
+        for engine in ("ray", "local")
+    }
+
+
 def _images_per_s(trainer: Trainer, steps: int) -> float:
     trainer.train_step()  # warm-up: first calls, allocations, replica start
     start = time.perf_counter()
@@ -75,7 +123,7 @@ def _images_per_s(trainer: Trainer, steps: int) -> float:
 
 def overhead(steps: int, threads: int, run_root: str) -> dict[str, float]:
     """Same config, same thread budget: sync mode never overlaps roles, so each uses all."""
-    cfg = load_config("toy-flowgrpo", [*QUIET, f"ray.torch_threads={threads}"])
+    cfg = load_config("toy-flowgrpo", [*QUIET, f"torch_threads={threads}"])
     torch.set_num_threads(threads)
     local = _images_per_s(Trainer(cfg, f"{run_root}/local"), steps)
     engine = RayEngine(cfg)
@@ -131,7 +179,7 @@ def schedule(
         "toy-flowgrpo",
         [
             *TOY, f"ray.mode={mode}", f"ray.rollout_workers={workers}",
-            "ray.torch_threads=1", "ray.worker_cpus=0.1", "ray.learner_cpus=0.1",
+            "torch_threads=1", "ray.worker_cpus=0.1", "ray.learner_cpus=0.1",
             "ray.reward_serving.num_cpus=0.1",
         ],
     )  # fmt: skip
@@ -221,10 +269,35 @@ def run(options: list[str]) -> None:
     steps = opts["steps"]
     stage = {k: opts[k] for k in ("rollout_s", "reward_s", "update_s")}
     threads = os.cpu_count() or 1
-    connect(None, num_cpus=max(8, threads))
     print(f"# raydraft bench system: {describe()}, ray {ray.__version__}")
-
     parts = opts["parts"].split(",")
+    if "default" in parts:  # first: each command starts (and stops) a Ray instance of its own
+        d = default_config(opts["default_steps"], "/tmp/raydraft-bench-default")
+        ray_idle, local_idle = d["ray", False], d["local", False]
+        print(
+            f"\n## 0. The default (`raydraft train`, {opts['default_steps']} iterations; loaded: "
+            "beside a busy loop on one core)"
+        )
+        print("| | Ray | --local | Ray / local |\n|---|---|---|---|")
+        ratio = ray_idle["iteration_s"] / local_idle["iteration_s"]
+        print(
+            f"| s per iteration, idle | {ray_idle['iteration_s']:.2f} | "
+            f"{local_idle['iteration_s']:.2f} | {ratio:.3f} |"
+        )
+        print(
+            f"| s to the first iteration, idle | {ray_idle['time_to_first_iteration_s']:.1f} | "
+            f"{local_idle['time_to_first_iteration_s']:.1f} | |"
+        )
+        loaded = {e: d[e, True]["iteration_s"] for e in ("ray", "local")}
+        print(
+            f"| s per iteration, loaded | {loaded['ray']:.2f} | {loaded['local']:.2f} | "
+            f"{loaded['ray'] / loaded['local']:.3f} |"
+        )
+        print(
+            f"| loaded / idle | {loaded['ray'] / ray_idle['iteration_s']:.2f} | "
+            f"{loaded['local'] / local_idle['iteration_s']:.2f} | |"
+        )
+    connect(None, num_cpus=max(8, threads))
     if "overhead" in parts:
         o = overhead(steps, threads, "/tmp/raydraft-bench-system")
         ratio = o["ray_images_per_s"] / o["local_images_per_s"]

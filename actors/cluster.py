@@ -15,6 +15,12 @@ from ray._private.authentication.authentication_utils import is_token_auth_enabl
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 WILDCARD_HOSTS = ("[::]", "0.0.0.0", "")
 
+# Ray starts worker processes at niceness 15 so that they yield to a cluster node's
+# daemons; on a laptop that makes every role yield to whatever else the user runs (the
+# reward replica waited over a minute for a core beside one busy process). A local
+# instance runs them at the user's own priority.
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+
 # How a dead actor shows when its results are fetched.
 WORKER_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
@@ -40,6 +46,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         },
         configure_logging=False,
         log_to_driver=True,
+        _system_config=LOCAL_SYSTEM_CONFIG,
     )
     if not is_token_auth_enabled():  # Ray enables it for a new local instance unless told not to
         warnings.warn(
@@ -73,11 +80,6 @@ def bind_grpc_to_loopback() -> None:
     replica = sys.modules.get("ray.serve._private.replica")
     if replica is not None:
         replica.add_port_to_grpc_server = bind_on_loopback
-
-
-def actor_threads(cpus: float, configured: int | None) -> int:
-    """torch threads for an actor: the configured count, else its CPU share (at least 1)."""
-    return configured or max(1, int(cpus))
 
 
 def failed_calls(calls: list[ray.ObjectRef], timeout_s: float | None = None) -> list[int]:

@@ -30,10 +30,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raydraft.build import build_policy, prompt_stream
 from raydraft.config import ExperimentConfig, reward_serving_for
 from raydraft.data.prompts import PromptBatch
+from raydraft.models.base import Policy
 from raydraft.rollout import RolloutResult
 from raydraft_ray.cluster import WORKER_FAILURES, failed_calls, wait_for_start
 from raydraft_ray.learner import LearnerActor, LearnerGroup
-from raydraft_ray.reward_serving import deploy_rewards, rewards_on_serve
+from raydraft_ray.reward_serving import deploy_rewards, rewards_on_serve, wait_until_running
 from raydraft_ray.rollout_worker import RolloutWorker
 from raydraft_ray.weight_sync import (
     WEIGHTS_GROUP,
@@ -67,7 +68,7 @@ def required_cpus(cfg: ExperimentConfig) -> int:
             settings = reward_serving_for(r.reward_serving, component)
             rewards += settings.max_replicas * settings.num_cpus
     total = r.learners * r.learner_cpus + r.rollout_workers * r.worker_cpus + rewards
-    return math.ceil(total + 0.5)  # head room for Serve's controller
+    return math.ceil(total - 1e-9)  # Serve's controller reserves none
 
 
 class RayEngine:
@@ -84,7 +85,6 @@ class RayEngine:
         self.learner_class = learner_class
         self.ray_cfg = cfg.ray
         self.cfg_dict = cfg.model_dump(mode="json")
-        self.policy = build_policy(cfg.model)  # the driver's copy: sample grids, evaluation
         self.prompts = prompt_stream(cfg)
         self.trained_prompts = self.prompts.state_dict()
         self.reward_apps: dict[str, str] = {}
@@ -102,15 +102,21 @@ class RayEngine:
 
     # -- roles ------------------------------------------------------------------------
     def _start_roles(self) -> None:
+        """All roles start at once: reward replicas, learners and workers each import torch
+        and load a model, and their waits overlap (the default's roles were ready 2 s
+        sooner on a 2-core laptop: 13 s instead of 15 s)."""
         r = self.ray_cfg
         if rewards_on_serve(self.cfg):
             self.reward_apps = deploy_rewards(
-                self.cfg.rewards, r.reward_serving, r.startup_timeout_s
+                self.cfg.rewards, r.reward_serving, r.startup_timeout_s, wait=False
             )
         self.learners = LearnerGroup(self.cfg, self.learner_class)
         if self.swaps:  # out of the device before the workers load onto it; they sample first
             self.learners.offload()
         self.workers = [self._start_worker(i) for i in range(r.rollout_workers)]
+        # The driver's copy (sample grids, evaluation), loaded while the roles load theirs.
+        self.policy: Policy = build_policy(self.cfg.model)
+        wait_until_running(list(self.reward_apps.values()), r.startup_timeout_s)
         what = f"{r.rollout_workers} rollout worker(s) of {r.worker_cpus} CPU, {r.worker_gpus} GPU"
         wait_for_start([w.pid.remote() for w in self.workers], what, r.startup_timeout_s)
         leader = self.learners.leader

@@ -23,8 +23,9 @@ from raydraft.learner import Learner
 from raydraft.rewards.registry import build_reward
 from raydraft.rollout import RolloutResult
 from raydraft.sharding import gather
+from raydraft.threads import CoreShare
 from raydraft_ray.broadcast_group import BroadcastGroup, Buckets, plan_buckets
-from raydraft_ray.cluster import actor_threads, rendezvous_address, wait_for_start
+from raydraft_ray.cluster import rendezvous_address, wait_for_start
 from raydraft_ray.reward_serving import remote_reward
 from raydraft_ray.weight_sync import WeightsMessage, to_message
 
@@ -33,7 +34,7 @@ class LearnerActor:
     def __init__(self, cfg: dict, rank: int, world_size: int) -> None:
         self.cfg = build_config(cfg, "the driver's config")
         ray_cfg = self.cfg.ray
-        torch.set_num_threads(actor_threads(ray_cfg.learner_cpus, ray_cfg.torch_threads))
+        self.threads = CoreShare.for_setting(self.cfg.torch_threads)
         torch.manual_seed(self.cfg.seed)
         policy = build_policy(self.cfg.model, self.cfg.algorithm.needs_reference)
         # DRaFT's differentiable reward is part of the loss: here, or served with gradients.
@@ -68,7 +69,8 @@ class LearnerActor:
         self.learner = self.make_learner()
 
     def update(self, result: RolloutResult) -> dict[str, float]:
-        return self.learner.update(result)
+        with self.threads.working() as threads:
+            return self.learner.update(result) | {"torch_threads": float(threads)}
 
     # Under FSDP the methods below gather the sharded state, a collective: the group calls
     # them on every rank (`LearnerGroup.leader`) and only rank 0 answers.

@@ -21,7 +21,6 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raydraft.build import algorithm_class
 from raydraft.config import (
     ExperimentConfig,
     RewardsConfig,
@@ -101,10 +100,11 @@ class RewardServer:
 
 
 def deploy_rewards(
-    cfg: RewardsConfig, serving: RewardServingConfig, timeout_s: float
+    cfg: RewardsConfig, serving: RewardServingConfig, timeout_s: float, wait: bool = True
 ) -> dict[str, str]:
     """Start (or update) one Serve application per reward component, each with its own
-    settings over `serving` and its own runtime_env if it names one; {reward: app name}."""
+    settings over `serving` and its own runtime_env if it names one; {reward: app name}.
+    Without `wait` the replicas start in the background (`wait_until_running`)."""
     serve.start(proxy_location="Disabled")
     targets = []
     for component in cfg.components:
@@ -136,26 +136,30 @@ def deploy_rewards(
     serve.run_many(
         targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False
     )
-    for target in targets:
-        _wait_until_running(target.name, timeout_s)
-    return {c.name: app_name(c.name) for c in cfg.components}
+    apps = {c.name: app_name(c.name) for c in cfg.components}
+    if wait:
+        wait_until_running(list(apps.values()), timeout_s)
+    return apps
 
 
-def _wait_until_running(app: str, timeout_s: float) -> None:
+def wait_until_running(apps: list[str], timeout_s: float) -> None:
     """Serve's own wait never gives up; this one names the failure or the shortfall."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"reward deployment {app} failed: {status.message}")
-        time.sleep(0.2)
-    free = ray.available_resources().get("CPU", 0.0)
-    raise RuntimeError(
-        f"reward deployment {app} did not start within {timeout_s:.0f} s ({free} CPUs free); "
-        "lower ray.reward_serving.num_cpus (or the component's serving.num_cpus) or add nodes"
-    )
+    for app in apps:
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(app)
+            if status is not None and status.status == "RUNNING":
+                break
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"reward deployment {app} failed: {status.message}")
+            time.sleep(0.2)
+        else:
+            free = ray.available_resources().get("CPU", 0.0)
+            raise RuntimeError(
+                f"reward deployment {app} did not start within {timeout_s:.0f} s ({free} CPUs "
+                "free); lower ray.reward_serving.num_cpus (or the component's serving.num_cpus) "
+                "or add nodes"
+            )
 
 
 class RemoteReward:
@@ -256,5 +260,9 @@ def remote_reward(
 def rewards_on_serve(cfg: ExperimentConfig) -> bool:
     """Black-box rewards always are, and any reward that ranks explored candidates;
     DRaFT's differentiable ones when configured."""
+    # Imported here: a reward replica imports this module, and the algorithms' imports
+    # (diffusers, peft, transformers) would cost it seconds of start-up for nothing.
+    from raydraft.build import algorithm_class
+
     scores_rollouts = algorithm_class(cfg).scores_rollouts or cfg.rollout.explore is not None
     return scores_rollouts or cfg.ray.reward_serving.serve_draft_rewards

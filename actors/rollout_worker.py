@@ -19,8 +19,8 @@ from raydraft.config import build_config
 from raydraft.data.prompts import PromptBatch
 from raydraft.offload import move_policy, release_cached_memory
 from raydraft.rollout import RolloutResult, generate
+from raydraft.threads import CoreShare
 from raydraft_ray.broadcast_group import BroadcastGroup, Buckets
-from raydraft_ray.cluster import actor_threads
 from raydraft_ray.reward_serving import remote_reward
 from raydraft_ray.weight_sync import WEIGHTS_GROUP, WeightsMessage, from_message
 
@@ -33,7 +33,7 @@ class RolloutWorker:
     def __init__(self, cfg: dict, index: int) -> None:
         self.cfg = build_config(cfg, "the driver's config")
         ray_cfg = self.cfg.ray
-        torch.set_num_threads(actor_threads(ray_cfg.worker_cpus, ray_cfg.torch_threads))
+        self.threads = CoreShare.for_setting(self.cfg.torch_threads)
         self.index = index
         self.policy = build_policy(self.cfg.model)
         self.algorithm = build_algorithm(self.cfg, self.policy, None)
@@ -81,10 +81,13 @@ class RolloutWorker:
                 f"the batch of iteration {batch.iteration} needs >= {min_version}"
             )
         drop = self.cfg.rewards.on_bad_reward == "drop"
-        return generate(
-            self.algorithm, self.policy, self.reward, batch, self.cfg.seed, drop,
-            self.low_precision, self.explorer,
-        )  # fmt: skip
+        with self.threads.working() as threads:
+            result = generate(
+                self.algorithm, self.policy, self.reward, batch, self.cfg.seed, drop,
+                self.low_precision, self.explorer,
+            )  # fmt: skip
+        result.stats["torch_threads_rollout"] = float(threads)
+        return result
 
     def _apply_staged_weights(self, min_version: int) -> None:
         """Take the newest staged weights, waiting a while for `min_version` if a

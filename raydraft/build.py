@@ -6,7 +6,7 @@ import importlib
 
 from raydraft.algorithms.base import Algorithm
 from raydraft.config import ALGORITHMS, ExperimentConfig, ModelConfig
-from raydraft.data.prompts import PromptStream, load_prompts_with_metadata
+from raydraft.data.prompts import PromptStream, load_prompts_with_metadata, repeat_categories
 from raydraft.explore import Explorer
 from raydraft.models.base import Policy
 from raydraft.precision.rollout_copy import RolloutCopy
@@ -52,6 +52,8 @@ def prompt_stream(cfg: ExperimentConfig) -> PromptStream:
     """The run's prompt batches: `data.prompts_per_step` prompts, each repeated for the
     algorithm's group."""
     prompts, metadata = load_prompts_with_metadata(cfg.data.prompts)
+    if cfg.data.category_repeats:
+        prompts, metadata = repeat_categories(prompts, metadata, cfg.data.category_repeats)
     return PromptStream(
         prompts, cfg.data.prompts_per_step, cfg.algorithm.group_size, cfg.seed,
         cfg.data.shuffle, metadata,

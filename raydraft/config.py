@@ -307,6 +307,10 @@ class DataConfig(Section):
     prompts: str = "toy-colors"  # a registered prompt set, or a .txt file (one per line)
     prompts_per_step: PositiveInt = 8
     shuffle: bool = True
+    # A curriculum toward weak categories: each prompt of a category named here appears
+    # this many times per epoch (others once). Categories are GenEval metadata's "tag" or
+    # the shapes world's own.
+    category_repeats: dict[str, PositiveInt] = {}
 
 
 class LearnerConfig(Section):
@@ -459,7 +463,6 @@ class RayConfig(Section):
     worker_gpus: NonNegativeFloat = 0.0
     learner_cpus: PositiveFloat = 1.0
     learner_gpus: NonNegativeFloat = 0.0
-    torch_threads: PositiveInt | None = None  # per actor; None: its CPU count, at least 1
     worker_max_restarts: NonNegativeInt = 3
     # How new weights reach the rollout workers: the object store (LoRA; any state on one
     # CPU node, where it measured fastest), or a gloo/NCCL broadcast group in buckets (full
@@ -499,6 +502,9 @@ class ExperimentConfig(Section):
     seed: int = 0
     max_steps: PositiveInt = 100
     runtime: Literal["ray", "local"] = "ray"  # local: the single-process trainer
+    # torch threads of each process that computes (the --local trainer, each Ray role); None:
+    # the cores that other work leaves free, measured as the run goes (raydraft.threads).
+    torch_threads: PositiveInt | None = None
     model: ModelConfig = ModelConfig()
     sampler: SamplerConfig = SamplerConfig()
     # Modules imported before the rest is validated: they register algorithms (and rewards)

@@ -17,6 +17,7 @@ from raydraft.sampling.loop import sample_images
 from raydraft.sampling.samplers import Sampler
 
 EVAL_SEED = 1_000_000
+EVAL_BATCH = 64
 
 
 def eval_prompts(per_category: int) -> list[tuple[str, str, int]]:
@@ -38,7 +39,7 @@ def evaluate(
     sampler: Sampler,
     guidance: float,
     per_category: int = 48,
-    batch_size: int = 64,
+    batch_size: int = EVAL_BATCH,
 ) -> dict[str, dict[str, float]]:
     """{category: {"strict": accuracy, "clauses": mean clause fraction}}, plus "overall"."""
     rows = eval_prompts(per_category)

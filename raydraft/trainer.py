@@ -10,6 +10,7 @@ and presents the same interface, so this loop is the same for both.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
@@ -30,7 +31,8 @@ from raydraft.build import (
 from raydraft.checkpoint import load_checkpoint, newest_checkpoint, save_checkpoint
 from raydraft.config import ExperimentConfig
 from raydraft.data.prompts import load_prompts_with_metadata
-from raydraft.evaluation import evaluate, format_table
+from raydraft.evaluation import EVAL_BATCH, evaluate, format_table
+from raydraft.evaluation_cache import cached_table, evaluation_key, store_table
 from raydraft.learner import Learner
 from raydraft.metrics import MetricsExporter
 from raydraft.models.base import Policy
@@ -41,9 +43,11 @@ from raydraft.rollout import RolloutResult, generate
 from raydraft.run_dir import RunDirectory
 from raydraft.sample_grids import captioned_grid, grid_prompts
 from raydraft.sampling.loop import sample_images
+from raydraft.threads import CoreShare
 from raydraft.trackers import Trackers, open_trackers
 
 SAMPLE_GRID_SIZE = 12  # the shapes world's 6 categories twice
+IMPORTED_AT = time.time()
 
 
 class Engine(Protocol):
@@ -82,6 +86,7 @@ class LocalEngine:
         self.low_precision = rollout_copy(cfg)
         self.explorer = explorer(cfg)
         self.learner = Learner(cfg, self.policy, self.algorithm)
+        self.threads = CoreShare.for_setting(cfg.torch_threads)
 
     def iterate(self) -> tuple[RolloutResult, dict[str, float]]:
         """Sample the batch in the parts a Ray run of this config splits it into (one per
@@ -89,22 +94,16 @@ class LocalEngine:
         batch sizes, and with the same parts `--local` reproduces a sync Ray run exactly."""
         batch = self.prompts.next_batch()
         drop = self.cfg.rewards.on_bad_reward == "drop"
-        parts = [
-            generate(
-                self.algorithm,
-                self.policy,
-                self.reward,
-                part,
-                self.cfg.seed,
-                drop,
-                self.low_precision,
-                self.explorer,
-            )
-            for part in batch.split(self.cfg.ray.rollout_workers)
-        ]
-        result = RolloutResult.concat(parts)
-        result.seconds = {k: sum(p.seconds[k] for p in parts) for k in result.seconds}
-        return result, self.learner.update(result)
+        args = (self.cfg.seed, drop, self.low_precision, self.explorer)
+        with self.threads.working() as threads:
+            parts = [
+                generate(self.algorithm, self.policy, self.reward, part, *args)
+                for part in batch.split(self.cfg.ray.rollout_workers)
+            ]
+            result = RolloutResult.concat(parts)
+            result.seconds = {k: sum(p.seconds[k] for p in parts) for k in result.seconds}
+            update = self.learner.update(result)
+        return result, update | {"torch_threads": float(threads)}
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         tensors, optimizer = self.learner.state()
@@ -142,6 +141,7 @@ class Trainer:
         )
         self.trackers = Trackers([])  # opened by `fit`
         self.step = 0
+        self.launched = False  # this process has run an iteration
         self.exporter: MetricsExporter | None = None
         self.metrics_url: str | None = None
         if cfg.logging.metrics_port is not None:
@@ -158,10 +158,14 @@ class Trainer:
     # -- one iteration ---------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
+        since_launch = seconds_since_launch()
         result, update = self.engine.iterate()
         self.step += 1
         self.run.add_rollouts([r | {"step": self.step} for r in result.records])
         metrics = iteration_metrics(result, update, self.step, start)
+        if not self.launched:  # how long the command took to reach its first iteration
+            metrics["time_to_first_iteration_s"] = since_launch
+            self.launched = True
         rho, floor = result.stats.get("fidelity_spearman_rho"), self.cfg.rollout.fidelity_floor
         if rho is not None and rho < floor:
             warnings.warn(
@@ -234,10 +238,13 @@ class Trainer:
         return history
 
     def record_eval(self, which: str) -> dict[str, Any]:
-        """Evaluate now as `which` ("base" or "final") into eval.json and the trackers."""
-        table = self.evaluate()
+        """Evaluate now as `which` ("base" or "final") into eval.json and the trackers; the
+        base's table is reused when one was kept for the same weights and settings."""
+        table, source = self.evaluate_base() if which == "base" else (self.evaluate(), "evaluated")
+        if source != "evaluated":
+            print(f"{which}: the {source} table of these weights and evaluation settings")
         report = self.run.read_eval() if which == "final" else {}
-        report |= {which: table, f"{which}_step": self.step}
+        report |= {which: table, f"{which}_step": self.step, f"{which}_source": source}
         self.run.write_eval(report)
         self.trackers.log({f"eval/{c}": v["strict"] for c, v in table.items()}, self.step)
         if self.exporter is not None:
@@ -261,6 +268,22 @@ class Trainer:
                 self.cfg.sampler.guidance_scale,
                 self.cfg.logging.eval_per_category,
             )
+
+    def evaluate_base(self) -> tuple[dict[str, dict[str, float]], str]:
+        """`evaluate` before training, and where the table came from: one kept for the same
+        weights, sampler and code ("shipped" or "cached"), or "evaluated" now (then cached)."""
+        self.policy.train(False)
+        with self.engine.inference_weights():
+            key = evaluation_key(
+                self.policy, eval_sampler(self.cfg, self.policy), self.cfg.sampler.guidance_scale,
+                self.cfg.logging.eval_per_category, EVAL_BATCH,
+            )  # fmt: skip
+        found = cached_table(key)
+        if found is not None:
+            return found
+        table = self.evaluate()
+        store_table(key, table)
+        return table, "evaluated"
 
     def sample_images(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Deterministic samples at the evaluation step count (EMA weights if kept)."""
@@ -301,6 +324,20 @@ class Trainer:
         self.step = state["step"]
         self.run.truncate_after(self.step)
         return self.step
+
+
+def seconds_since_launch() -> float:
+    """Seconds since this process started (Linux; elsewhere since raydraft was imported)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, StopIteration, ValueError):
+        return time.time() - IMPORTED_AT
 
 
 def iteration_metrics(

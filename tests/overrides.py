@@ -13,7 +13,7 @@ SMALL = [
 # The roles' reservations shrunk so that every role fits a 4-CPU local cluster.
 RAY_SMALL = [
     *SMALL,
-    "ray.torch_threads=1",
+    "torch_threads=1",
     "ray.worker_cpus=0.5",
     "ray.learner_cpus=0.5",
     "ray.reward_serving.num_cpus=0.1",

@@ -40,6 +40,7 @@ from raydraft.config import (
     load_config,
     reward_serving_for,
 )
+from raydraft_ray.engine import required_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -550,3 +551,14 @@ def test_placement_rejects_a_cluster_too_small():
     assert len(unplaced(role_requests(cfg), [Node(4, [1.0] * 8)])) == 4  # CPUs run out
     halves = [Request("reward", 0.25, 0.5)] * 3
     assert len(unplaced(halves, [Node(8, [1.0])])) == 1  # two halves per device, not three
+
+
+def test_the_default_fits_a_two_core_laptop_started_with_two_cpus():
+    """`ray start --head --num-cpus=2` then `ray job submit` of the default: its roles (in
+    sync mode they take turns) must place on the 2 CPUs, and a local instance need not
+    declare more CPUs than such a machine has."""
+    cfg = load_config(None, [])
+    assert unplaced(role_requests(cfg), [Node(2, [])]) == []
+    assert required_cpus(cfg) == 2
+    bigger = load_config(None, ["ray.worker_cpus=1.0"])
+    assert len(unplaced(role_requests(bigger), [Node(2, [])])) == 1

@@ -9,12 +9,13 @@ import pytest
 CORE = Path(__file__).parents[1] / "raydraft"
 # Bottom to top: a module may import from lower layers and from its own unit only.
 LAYERS = [
-    {"seeds", "rows", "config", "local_weights", "sharding", "metrics"},
+    {"seeds", "rows", "config", "local_weights", "sharding", "metrics", "threads"},
     {"models", "data"},
     {"offload", "ema", "rewards", "sampling", "precision"},
     {
         "algorithms",
         "evaluation",
+        "evaluation_cache",
         "run_dir",
         "sample_grids",
         "checkpoint",
@@ -22,8 +23,8 @@ LAYERS = [
         "explore",
         "trackers",
     },
-    {"rollout", "build", "embedded", "report"},
-    {"learner"},
+    {"rollout", "build", "report"},
+    {"learner", "embedded"},
     {"trainer"},
     {"bench"},
     {"cli"},

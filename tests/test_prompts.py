@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from raydraft.data.prompts import PromptStream, load_prompts, load_prompts_with_metadata
+from raydraft.build import prompt_stream
+from raydraft.config import load_config
+from raydraft.data.prompts import (
+    PromptStream,
+    load_prompts,
+    load_prompts_with_metadata,
+    prompt_category,
+)
+from raydraft.data.shapes import category_balanced, split_specs
 
 GENEVAL = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}],
@@ -49,3 +57,25 @@ def test_a_bad_jsonl_line_is_named(tmp_path, line, message):
         load_prompts_with_metadata(str(path))
     with pytest.raises(ValueError, match="2 metadata records for 1 prompts"):
         PromptStream(["a"], 1, 1, 0, False, metadata=[{}, {}])
+
+
+def test_category_repeats_put_weak_categories_in_each_epoch_more_often():
+    base = prompt_stream(load_config("toy-nft", ["data.category_repeats={}"]))
+    weighted = prompt_stream(load_config("toy-nft", ["data.category_repeats={binding: 3}"]))
+
+    def count(stream, category):
+        rows = zip(stream.prompts, stream.metadata, strict=True)
+        return sum(prompt_category(p, m) == category for p, m in rows)
+
+    assert len(base.prompts) == len(category_balanced(split_specs("train")))
+    assert count(weighted, "binding") == 3 * count(base, "binding")
+    assert count(weighted, "single") == count(base, "single")
+    # GenEval's metadata names the category ("tag") for any prompt text.
+    assert prompt_category("a photo of a cat", {"tag": "single_object"}) == "single_object"
+    assert prompt_category("a photo of a cat", {}) is None
+
+
+def test_a_category_no_prompt_has_is_named():
+    cfg = load_config("toy-nft", ["data.category_repeats={countng: 2}"])
+    with pytest.raises(ValueError, match=r"no prompt of category 'countng'.*'counting'"):
+        prompt_stream(cfg)

@@ -234,6 +234,22 @@ def test_shapes_run_evaluates_base_and_final_and_draws_the_reward_curve(tmp_path
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 0
 
 
+def test_a_second_run_from_the_same_base_reuses_its_base_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    overrides = [
+        *GRPO,
+        "data.prompts=shapes-train",
+        "rewards.components=[{name: toy-geneval}]",
+        "logging.eval_per_category=2",
+    ]
+    first = trainer(tmp_path, "first", overrides).record_eval("base")
+    assert first["base_source"] == "evaluated"
+    second = trainer(tmp_path, "second", overrides).record_eval("base")
+    assert second["base_source"] == "cached" and second["base"] == first["base"]
+    other = trainer(tmp_path, "other", [*overrides, "logging.eval_per_category=1"])
+    assert other.record_eval("base")["base_source"] == "evaluated"  # other settings
+
+
 def test_evaluation_is_only_for_the_shapes_world():
     with pytest.raises(ConfigError, match=r"logging\.eval_per_category"):
         load_config("toy-flowgrpo", ["data.prompts=toy-colors", "logging.eval_per_category=4"])

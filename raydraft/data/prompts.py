@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydraft.data.shapes import category_balanced, split_specs
+from raydraft.data.shapes import category_balanced, spec_for_prompt, split_specs
 from raydraft.rows import Rows
 from raydraft.seeds import sample_seeds
 
@@ -96,6 +96,35 @@ def load_prompts_with_metadata(name_or_path: str) -> tuple[list[str], list[dict[
             )
         metadata.append(record)
     return [record["prompt"] for record in metadata], metadata
+
+
+def prompt_category(prompt: str, metadata: dict[str, Any]) -> str | None:
+    """GenEval's metadata "tag", else the shapes world's category (None if neither)."""
+    if "tag" in metadata:
+        return str(metadata["tag"])
+    try:
+        return spec_for_prompt(prompt).category
+    except KeyError:
+        return None
+
+
+def repeat_categories(
+    prompts: list[str], metadata: list[dict[str, Any]], repeats: dict[str, int]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Each prompt of a category in `repeats` that many times (`data.category_repeats`)."""
+    categories = [prompt_category(p, m) for p, m in zip(prompts, metadata, strict=True)]
+    unknown = sorted(set(repeats) - set(categories))
+    if unknown:
+        known = sorted({c for c in categories if c is not None})
+        raise ValueError(
+            f"data.category_repeats: no prompt of category {', '.join(map(repr, unknown))} "
+            f"in the prompts (their categories: {known or 'none'})"
+        )
+    times = [repeats.get(c, 1) if c is not None else 1 for c in categories]
+    return (
+        [p for p, n in zip(prompts, times, strict=True) for _ in range(n)],
+        [m for m, n in zip(metadata, times, strict=True) for _ in range(n)],
+    )
 
 
 class PromptStream:

@@ -5,7 +5,9 @@ Run once; the weights ship in `raydraft/assets/toy-model/`, so users never pay f
     python -m raydraft.embedded.pretrain --steps 3000 --out raydraft/assets/toy-model
 
 The run is deterministic in its seed and step count (not wall time), so the command
-regenerates the shipped weights wherever it runs.
+regenerates the shipped weights wherever it runs. `--ship-base-table toy-nft` then ships
+the default config's base evaluation (`raydraft.evaluation_cache`), which must be redone
+whenever the code it depends on changes (tests/test_embedded.py says so).
 
 x_t = (1 - t)·x0 + t·ε with t logit-normal, target v = ε - x0; AdamW 1e-3 with warm-up,
 gradient clipping 1.0, batch 64, EMA 0.999 with warm-up (the EMA weights are saved).
@@ -26,9 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raydraft.config import LoraConfig, ModelConfig
+from raydraft.build import build_policy, eval_sampler
+from raydraft.config import LoraConfig, ModelConfig, load_config
 from raydraft.data.shapes import CATEGORIES, all_specs, sample_scenes, split_specs
-from raydraft.evaluation import evaluate
+from raydraft.evaluation import EVAL_BATCH, evaluate
+from raydraft.evaluation_cache import SHIPPED as SHIPPED_TABLES
+from raydraft.evaluation_cache import evaluation_key, store_table
 from raydraft.models.flow_schedule import flow_sigmas
 from raydraft.models.toy import ToyPolicy, build_toy_components, save_toy_model
 from raydraft.sampling.samplers import FlowSampler
@@ -73,6 +78,19 @@ def record_base_eval(model_dir: Path) -> dict:
     return record
 
 
+def ship_base_table(config: str) -> tuple[Path, dict]:
+    """The base table of `config`'s model, shipped with the package under its key
+    (`raydraft.evaluation_cache`): runs of that config start without evaluating it."""
+    cfg = load_config(config, [])
+    policy = build_policy(cfg.model)
+    policy.train(False)
+    sampler = eval_sampler(cfg, policy)
+    guidance, per_category = cfg.sampler.guidance_scale, cfg.logging.eval_per_category
+    key = evaluation_key(policy, sampler, guidance, per_category, EVAL_BATCH)
+    table = evaluate(policy, sampler, guidance, per_category, EVAL_BATCH)
+    return store_table(key, table, SHIPPED_TABLES), table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=3000)
@@ -83,9 +101,14 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations")
     parser.add_argument("--snapshots", help="also save the EMA model at every evaluation here")
     parser.add_argument("--record-eval", metavar="MODEL_DIR", help="only write base_eval.json")
+    parser.add_argument("--ship-base-table", metavar="CONFIG", help="only ship CONFIG's base table")
     args = parser.parse_args()
     if args.record_eval:
         print(json.dumps(record_base_eval(Path(args.record_eval))["table"]["overall"]))
+        return
+    if args.ship_base_table:
+        path, table = ship_base_table(args.ship_base_table)
+        print(path, json.dumps(table["overall"]))
         return
 
     torch.manual_seed(args.seed)

@@ -11,10 +11,12 @@ whatever the checkpoint's config says (the parity tests check this per family).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+if TYPE_CHECKING:  # diffusers' pipelines take seconds to import; the toy model needs none
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
 
 def flow_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -32,6 +34,9 @@ def pipeline_sigmas(
     """num_steps + 1 times from noise to 0, as the pipeline's `retrieve_timesteps` sets
     them: `sigmas` before shifting (None: the scheduler's own spacing) and, for a dynamic
     shift, mu from the number of image tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     config = scheduler.config
     mu = None
     if config.get("use_dynamic_shifting"):
