@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from raydraft.data.shapes import spec_for_prompt
+from raydraft.data.prompts import prompt_category
 from raydraft.rewards.base import to_pil
 
 SAMPLE_CELL = 128  # smallest side a sample is shown at (the toy's 32 px scaled 4x)
@@ -39,16 +39,6 @@ class GridPrompts:
     prompts: list[str]
     categories: list[str | None]
     columns: int
-
-
-def prompt_category(prompt: str, metadata: dict[str, Any]) -> str | None:
-    """A GenEval metadata file's `tag`, else the shapes world's category, else None."""
-    if "tag" in metadata:
-        return str(metadata["tag"])
-    try:
-        return spec_for_prompt(prompt).category
-    except KeyError:
-        return None
 
 
 def grid_prompts(prompts: list[str], metadata: list[dict[str, Any]], size: int) -> GridPrompts:

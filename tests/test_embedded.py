@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from raydraft.build import build_policy, eval_sampler
 from raydraft.config import ModelConfig, load_config
+from raydraft.embedded.pretrain import base_evaluation
 from raydraft.evaluation import EVAL_BATCH, evaluate
 from raydraft.evaluation_cache import SHIPPED, cached_table, evaluation_key, store_table
 from raydraft.models.flow_schedule import flow_sigmas
@@ -47,12 +47,7 @@ def test_the_default_configs_base_table_ships_for_this_code_and_reproduces():
     evaluating it: the table must be there for the current code, weights and settings
     (else regenerate it, as the message says), and equal a fresh evaluation here up to
     kernels that round differently on another CPU (a sample or two per category)."""
-    cfg = load_config(None, [])
-    policy = build_policy(cfg.model)
-    policy.train(False)
-    sampler = eval_sampler(cfg, policy)
-    guidance, per_category = cfg.sampler.guidance_scale, cfg.logging.eval_per_category
-    key = evaluation_key(policy, sampler, guidance, per_category, EVAL_BATCH)
+    key, evaluation = base_evaluation(None)
     found = cached_table(key)
     assert found is not None and found[1] == "shipped", (
         "no shipped base table for the default config under the current code: run "
@@ -60,7 +55,8 @@ def test_the_default_configs_base_table_ships_for_this_code_and_reproduces():
         "file in raydraft/assets/evaluations/, and commit the new one"
     )
     assert len(list(SHIPPED.glob("*.json"))) == 1  # no stale tables left behind
-    fresh = evaluate(policy, sampler, guidance, per_category, EVAL_BATCH)
+    fresh = evaluation()
+    per_category = load_config(None, []).logging.eval_per_category
     for category, row in found[0].items():
         tolerance = 0.01 if category == "overall" else 2 / per_category
         assert row["strict"] == pytest.approx(fresh[category]["strict"], abs=tolerance)

@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,16 +79,23 @@ def record_base_eval(model_dir: Path) -> dict:
     return record
 
 
-def ship_base_table(config: str) -> tuple[Path, dict]:
-    """The base table of `config`'s model, shipped with the package under its key
-    (`raydraft.evaluation_cache`): runs of that config start without evaluating it."""
+def base_evaluation(config: str | None) -> tuple[str, Callable[[], dict]]:
+    """The key of the base table of `config`'s model (`raydraft.evaluation_cache`), and
+    the evaluation that computes it."""
     cfg = load_config(config, [])
     policy = build_policy(cfg.model)
     policy.train(False)
     sampler = eval_sampler(cfg, policy)
     guidance, per_category = cfg.sampler.guidance_scale, cfg.logging.eval_per_category
     key = evaluation_key(policy, sampler, guidance, per_category, EVAL_BATCH)
-    table = evaluate(policy, sampler, guidance, per_category, EVAL_BATCH)
+    return key, lambda: evaluate(policy, sampler, guidance, per_category, EVAL_BATCH)
+
+
+def ship_base_table(config: str) -> tuple[Path, dict]:
+    """The base table of `config`'s model, shipped with the package under its key: runs of
+    that config start without evaluating it."""
+    key, evaluation = base_evaluation(config)
+    table = evaluation()
     return store_table(key, table, SHIPPED_TABLES), table
 
 
