@@ -15,14 +15,12 @@ Four tables, each measured side by side in one run:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -33,6 +31,7 @@ from raydraft.bench.options import parse_options
 from raydraft.config import load_config
 from raydraft.data.prompts import PromptBatch
 from raydraft.rollout import RolloutResult
+from raydraft.run_dir import RunDirectory
 from raydraft.trainer import Trainer
 from raydraft_ray.broadcast_group import BroadcastGroup, plan_buckets
 from raydraft_ray.cluster import connect, rendezvous_address
@@ -92,7 +91,7 @@ def train_command(engine: str, steps: int, run_dir: str, busy_core: bool) -> dic
         if burner is not None:
             burner.kill()
             burner.wait()
-    rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    rows = RunDirectory(run_dir).read_metrics()
     return {
         "iteration_s": statistics.median(r["time_step_s"] for r in rows[1:]),
         "time_to_first_iteration_s": rows[0]["time_to_first_iteration_s"],

@@ -57,9 +57,15 @@ def _busy_ticks(cores: set[int]) -> tuple[int, int] | None:
     return busy, total
 
 
+def own_stat() -> list[str]:
+    """This process's /proc/self/stat fields from the third (state) on: the command name
+    before them may hold spaces. Linux only (OSError elsewhere)."""
+    return Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+
+
 def _own_ticks() -> int:
     """Clock ticks this process (all its threads) has run, user and system."""
-    fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    fields = own_stat()
     return int(fields[11]) + int(fields[12])  # utime, stime
 
 

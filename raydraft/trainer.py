@@ -43,7 +43,7 @@ from raydraft.rollout import RolloutResult, generate
 from raydraft.run_dir import RunDirectory
 from raydraft.sample_grids import captioned_grid, grid_prompts
 from raydraft.sampling.loop import sample_images
-from raydraft.threads import CoreShare
+from raydraft.threads import CoreShare, own_stat
 from raydraft.trackers import Trackers, open_trackers
 
 SAMPLE_GRID_SIZE = 12  # the shapes world's 6 categories twice
@@ -273,15 +273,14 @@ class Trainer:
         """`evaluate` before training, and where the table came from: one kept for the same
         weights, sampler and code ("shipped" or "cached"), or "evaluated" now (then cached)."""
         self.policy.train(False)
-        with self.engine.inference_weights():
-            key = evaluation_key(
-                self.policy, eval_sampler(self.cfg, self.policy), self.cfg.sampler.guidance_scale,
-                self.cfg.logging.eval_per_category, EVAL_BATCH,
-            )  # fmt: skip
-        found = cached_table(key)
-        if found is not None:
-            return found
-        table = self.evaluate()
+        guidance, per_category = self.cfg.sampler.guidance_scale, self.cfg.logging.eval_per_category
+        with self.engine.inference_weights():  # one fetch of the weights (Ray) for both
+            sampler = eval_sampler(self.cfg, self.policy)
+            key = evaluation_key(self.policy, sampler, guidance, per_category, EVAL_BATCH)
+            found = cached_table(key)
+            if found is not None:
+                return found
+            table = evaluate(self.policy, sampler, guidance, per_category, EVAL_BATCH)
         store_table(key, table)
         return table, "evaluated"
 
@@ -329,7 +328,7 @@ class Trainer:
 def seconds_since_launch() -> float:
     """Seconds since this process started (Linux; elsewhere since raydraft was imported)."""
     try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        start_ticks = int(own_stat()[19])
         boot = next(
             int(line.split()[1])
             for line in Path("/proc/stat").read_text().splitlines()
