@@ -79,6 +79,11 @@ class LearnerActor:
         return self.learner.rank == 0 or not self.learner.sharded
 
     def weights(self) -> WeightsMessage | None:
+        """The weights rollouts sample with (the trailing old policy when kept)."""
+        with self.learner.sampling_weights():
+            return self._message()
+
+    def _message(self) -> WeightsMessage | None:
         policy = self.learner.policy
         state = policy.trainable_state()
         return to_message(policy.version, state) if self.answers else None
@@ -98,9 +103,10 @@ class LearnerActor:
         self.weight_group = BroadcastGroup(host, port, 0, world_size, device, timeout_s)
 
     def send_weights(self) -> int | None:
-        """Broadcast the trainable state (and its version) to the workers: bytes sent."""
+        """Broadcast the sampling weights (and their version) to the workers: bytes sent."""
         policy = self.learner.policy
-        state = policy.trainable_state()
+        with self.learner.sampling_weights():
+            state = policy.trainable_state()
         if self.learner.rank != 0:
             return None
         try:
@@ -114,9 +120,9 @@ class LearnerActor:
         """The weights to sample with for evaluation: the EMA shadow when kept."""
         learner = self.learner
         if learner.ema is None:
-            return self.weights()
+            return self._message()
         with learner.ema.applied():
-            return self.weights()
+            return self._message()
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any], int] | None:
         tensors, optimizer = self.learner.state()

@@ -324,9 +324,31 @@ class LearnerConfig(Section):
     minibatch_size: PositiveInt = 8
     grad_accum_steps: PositiveInt = 1
     ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
+    # Rollouts sample a trailing "old" policy rather than the trained weights (DiffusionNFT's
+    # soft update): after the update that makes version v it becomes η·old + (1 - η)·θ,
+    # η = min(old_policy_decay_rate · v, old_policy_decay_max). 0: the trained weights.
+    old_policy_decay_rate: NonNegativeFloat = 0.0
+    old_policy_decay_max: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # FSDP2: shard weights, gradients and optimizer state across the ray.learners ranks
     # (full fine-tuning of models that do not fit one device; one rank: nothing to shard).
     fsdp: bool = False
+
+    @model_validator(mode="after")
+    def _old_policy_both_or_neither(self) -> LearnerConfig:
+        if (self.old_policy_decay_rate > 0) != (self.old_policy_decay_max > 0):
+            raise ValueError(
+                "learner.old_policy_decay_rate and learner.old_policy_decay_max: set both "
+                "above 0 for a trailing old policy, or neither"
+            )
+        return self
+
+    @property
+    def trails_old_policy(self) -> bool:
+        return self.old_policy_decay_max > 0
+
+    def old_policy_decay(self, version: int) -> float:
+        """η of the soft update that follows the update making `version`."""
+        return min(self.old_policy_decay_rate * version, self.old_policy_decay_max)
 
 
 class CheckpointConfig(Section):

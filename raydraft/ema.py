@@ -1,4 +1,5 @@
-"""Exponential moving average of the trainable weights, used for samples and evaluation."""
+"""Exponential moving average of the trainable weights: the evaluated weights (fixed decay)
+and the trailing old policy that rollouts sample (`Learner`, scheduled decay)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ class EMA:
         self.shadow = [p.detach().clone() for p in parameters]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, decay: float | None = None) -> None:
+        """shadow ← d·shadow + (1 - d)·live, d = `decay` or the fixed one."""
+        d = self.decay if decay is None else decay
         for shadow, p in zip(self.shadow, self.parameters, strict=True):
-            shadow.lerp_(p.detach(), 1 - self.decay)
+            shadow.lerp_(p.detach(), 1 - d)
 
     @torch.no_grad()
     def copy_to_parameters(self) -> None:

@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -62,6 +62,8 @@ class Learner:
             self.params, lr=learner.lr, betas=learner.betas, weight_decay=learner.weight_decay
         )
         self.ema = EMA(self.params, learner.ema_decay) if learner.ema_decay else None
+        # The trailing old policy that rollouts sample (`learner.old_policy_decay_*`).
+        self.old_policy = EMA(self.params, 0.0) if learner.trails_old_policy else None
         # The trainable states of the versions whose low-precision rollouts may still
         # arrive (async mode), so that they are corrected at the version that sampled them.
         self.kept_states: dict[int, dict[str, torch.Tensor]] = {}
@@ -115,6 +117,10 @@ class Learner:
             if self.ema is not None:
                 self.ema.update()
         policy.version += 1
+        if self.old_policy is not None:
+            decay = cfg.learner.old_policy_decay(policy.version)
+            self.old_policy.update(decay)
+            plan_stats["old_policy_decay"] = decay
         self._keep_state()
         # No updates when every group's rewards tie (the same plan on every rank): the
         # weights stay, the version still advances, and the metrics say nothing trained.
@@ -134,23 +140,29 @@ class Learner:
             }
         )
 
+    def sampling_weights(self) -> AbstractContextManager[None]:
+        """Within this context the policy holds the weights rollouts sample with: the
+        trailing old policy when kept, else the trained weights themselves."""
+        return self.old_policy.applied() if self.old_policy is not None else nullcontext()
+
     def _keep_state(self) -> None:
         r = self.cfg.ray
         keep = r.max_staleness + 1 if r.mode == "async" else 1
-        if self.cfg.rollout.precision == "full" or keep == 1:
-            return  # nothing to correct, or rollouts always come from the current version
-        state = {
-            k: v.detach().to("cpu", copy=True) for k, v in self.policy.trainable_state().items()
-        }
+        if self.cfg.rollout.precision == "full" or (keep == 1 and self.old_policy is None):
+            return  # nothing to correct, or rollouts always come from the current weights
+        with self.sampling_weights():
+            state = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.policy.trainable_state().items()
+            }
         self.kept_states[self.policy.version] = state
         for version in sorted(self.kept_states)[:-keep]:
             del self.kept_states[version]
 
     @contextmanager
     def _at_version(self, version: int) -> Iterator[None]:
-        """The policy's trainable weights as they were at `version` inside the block."""
+        """The policy's sampling weights as they were at `version` inside the block."""
         policy = self.policy
-        if version == policy.version:
+        if version == policy.version and self.old_policy is None:
             yield
             return
         if version not in self.kept_states:
@@ -199,8 +211,9 @@ class Learner:
         rollout worker samples; `policy.device` to train)."""
         move_policy(self.policy, device)
         move_optimizer_state(self.optimizer, device)
-        if self.ema is not None:
-            self.ema.to(device)
+        for average in (self.ema, self.old_policy):
+            if average is not None:
+                average.to(device)
         release_cached_memory()
 
     # -- checkpoint state -----------------------------------------------------------
@@ -210,15 +223,24 @@ class Learner:
         tensors: dict[str, Any] = {"trainable": self.policy.trainable_state()}
         if self.ema is not None:
             tensors["ema"] = gather(self.ema.state_dict())
+        if self.old_policy is not None:
+            tensors["old_policy"] = gather(self.old_policy.state_dict())
         return tensors, gather(self.optimizer.state_dict())
 
     def load_state(self, tensors: dict[str, Any], optimizer: dict[str, Any], version: int) -> None:
         self.policy.load_trainable(tensors["trainable"], version)
+        self.optimizer.load_state_dict(scatter_optimizer_state(optimizer, self.params))
+        for key, average in (("ema", self.ema), ("old_policy", self.old_policy)):
+            if average is not None:
+                if key not in tensors:
+                    raise ValueError(
+                        f"the checkpoint has no {key} weights, which this config keeps "
+                        "(learner.ema_decay, learner.old_policy_decay_*): it was written "
+                        "by a run without them"
+                    )
+                shadows = average.state_dict()
+                average.load_state_dict(
+                    {k: scatter_like(v, shadows[k]) for k, v in tensors[key].items()}
+                )
         self.kept_states.clear()
         self._keep_state()
-        self.optimizer.load_state_dict(scatter_optimizer_state(optimizer, self.params))
-        if self.ema is not None:
-            shadows = self.ema.state_dict()
-            self.ema.load_state_dict(
-                {k: scatter_like(v, shadows[k]) for k, v in tensors["ema"].items()}
-            )

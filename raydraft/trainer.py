@@ -96,10 +96,11 @@ class LocalEngine:
         drop = self.cfg.rewards.on_bad_reward == "drop"
         args = (self.cfg.seed, drop, self.low_precision, self.explorer)
         with self.threads.working() as threads:
-            parts = [
-                generate(self.algorithm, self.policy, self.reward, part, *args)
-                for part in batch.split(self.cfg.ray.rollout_workers)
-            ]
+            with self.learner.sampling_weights():
+                parts = [
+                    generate(self.algorithm, self.policy, self.reward, part, *args)
+                    for part in batch.split(self.cfg.ray.rollout_workers)
+                ]
             result = RolloutResult.concat(parts)
             result.seconds = {k: sum(p.seconds[k] for p in parts) for k in result.seconds}
             update = self.learner.update(result)

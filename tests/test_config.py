@@ -23,6 +23,7 @@ def error_of(overrides, config="toy-flowgrpo") -> str:
         ("model.lora.rank=0", "model.lora.rank"),
         ("sampler.kind=euler", "sampler.kind"),
         ("algorithm.name=ppo", "algorithm"),
+        ("learner.old_policy_decay_max=1", "learner.old_policy_decay_max"),
     ],
 )
 def test_bad_values_fail_with_their_key_path(override, path):
@@ -47,6 +48,11 @@ def test_diffusion_nft_takes_the_ode_sampler_and_names_its_keys():
     assert load_config("toy-nft").sampler.kind == "ode"
     assert "\n  algorithm.beta" in error_of(["algorithm.beta=0"], "toy-nft")
     assert "\n  algorithm.clip_range" in error_of(["algorithm.clip_range=0.1"], "toy-nft")
+
+
+def test_a_trailing_old_policy_needs_its_rate_and_its_ceiling():
+    message = error_of(["learner.old_policy_decay_rate=0.001"], "toy-nft")
+    assert "learner.old_policy_decay_rate" in message and "old_policy_decay_max" in message
 
 
 def test_ray_roles_that_cannot_work_together_are_rejected():

@@ -76,3 +76,30 @@ def test_the_local_instance_and_its_workers_use_token_authentication():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "driver True worker True" in done.stdout
+
+
+def test_the_local_instance_runs_its_roles_at_the_users_priority_and_serve_at_1_hz():
+    """Ray's workers, Serve's controller among them, at niceness 0 rather than Ray's 15,
+    and the controller's control loop at 1 s rather than 0.1 s (`raydraft_ray.cluster`)."""
+    script = (
+        "import os, psutil, ray\n"
+        "from ray import serve\n"
+        "from raydraft_ray.cluster import connect\n"
+        "assert connect(num_cpus=1)\n"
+        "serve.start(proxy_location='Disabled')\n"
+        "found = [p for p in psutil.Process().children(recursive=True)\n"
+        "         if p.cmdline()[:1] == ['ray::ServeController']]\n"
+        "assert len(found) == 1, [p.cmdline()[:1] for p in psutil.Process().children(True)]\n"
+        "loop = found[0].environ().get('RAY_SERVE_CONTROL_LOOP_INTERVAL_S')\n"
+        "print('nice', found[0].nice(), os.nice(0), 'loop', loop)\n"
+        "serve.shutdown()\n"
+        "ray.shutdown()\n"
+    )
+    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"):
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nice 0 0 loop 1.0" in done.stdout, done.stdout

@@ -156,9 +156,15 @@ def test_first_grpo_minibatch_is_exactly_on_policy(tmp_path):
     assert metrics["clipfrac"] == 0.0
 
 
-@pytest.mark.parametrize("config", ["toy-flowgrpo", "toy-nft", "toy-draft-lv"])
-def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, config):
-    overrides = small_overrides(config, "learner.ema_decay=0.9")
+OLD_POLICY = ["learner.old_policy_decay_rate=0.25", "learner.old_policy_decay_max=0.6"]
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("toy-flowgrpo", []), ("toy-nft", OLD_POLICY), ("toy-draft-lv", [])],
+)
+def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, config, extra):
+    overrides = small_overrides(config, "learner.ema_decay=0.9", *extra)
     straight = trainer(tmp_path, "straight", overrides, config)
     expected = straight.fit(4)
 
@@ -172,15 +178,48 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, config):
     assert [[m[k] for k in keys] for m in head + tail] == [[m[k] for k in keys] for m in expected]
     for name, value in straight.policy.trainable_state().items():
         assert torch.equal(value, second.policy.trainable_state()[name]), name
-    for a, b in zip(
-        straight.engine.learner.ema.shadow, second.engine.learner.ema.shadow, strict=True
-    ):
-        assert torch.equal(a, b)
+    averages = ["ema", "old_policy"] if extra else ["ema"]
+    for average in averages:
+        a, b = (getattr(t.engine.learner, average).shadow for t in (straight, second))
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), average
     steps = [
         json.loads(line)["step"]
         for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2, 3, 4]
+
+
+def test_rollouts_sample_the_trailing_old_policy(tmp_path):
+    """With `learner.old_policy_decay_*` each rollout samples old_v = η_v·old_{v-1} +
+    (1 - η_v)·θ_v, η_v = min(0.25 v, 0.6), and records that policy's predictions as
+    DiffusionNFT's v_old; the trained weights move on their own."""
+    t = trainer(tmp_path, "run", small_overrides("toy-nft", *OLD_POLICY), "toy-nft")
+    engine, policy = t.engine, t.policy
+    old = [p.detach().clone() for p in engine.learner.params]  # old_0 = θ_0
+    for version in (1, 2, 3):
+        result, update = engine.iterate()
+        rollout = result.rollout
+        assert rollout.old_predictions is not None  # not on-policy: the rollout records it
+        live = policy.trainable_state()
+        with torch.no_grad():
+            for p, value in zip(engine.learner.params, old, strict=True):
+                p.copy_(value)
+            times = engine.algorithm._times(rollout.steps[:, 0], rollout.x_t)
+            behaviour = policy.predict(
+                rollout.x_t[:, 0], times, rollout.cond, engine.algorithm.guidance
+            )
+        policy.load_trainable(live, policy.version)
+        assert torch.equal(behaviour, rollout.old_predictions[:, 0]), version
+        eta = min(0.25 * version, 0.6)
+        assert update["old_policy_decay"] == eta
+        for shadow, p in zip(old, engine.learner.params, strict=True):
+            shadow.lerp_(p.detach(), 1 - eta)
+        assert all(
+            torch.equal(a, b) for a, b in zip(old, engine.learner.old_policy.shadow, strict=True)
+        )
+        assert not all(
+            torch.equal(a, b.detach()) for a, b in zip(old, engine.learner.params, strict=True)
+        )
 
 
 def test_train_command_writes_the_run_directory_contract(tmp_path, monkeypatch):

@@ -41,9 +41,10 @@ from raydraft.seeds import NFT_TRAIN_POINTS, SDE_NOISE, sample_generator
 
 def samples_on_policy(cfg: ExperimentConfig) -> bool:
     """Whether the learner updates from the very weights that sampled each rollout: sync
-    iterations (or the single-process trainer) with full-precision rollouts."""
+    iterations (or the single-process trainer) with full-precision rollouts of the trained
+    weights (no trailing old policy)."""
     sync = cfg.runtime == "local" or cfg.ray.mode == "sync"
-    return sync and cfg.rollout.precision == "full"
+    return sync and cfg.rollout.precision == "full" and not cfg.learner.trails_old_policy
 
 
 def optimality(advantages: torch.Tensor, clip: float) -> torch.Tensor:
