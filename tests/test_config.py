@@ -51,8 +51,12 @@ def test_diffusion_nft_takes_the_ode_sampler_and_names_its_keys():
 
 
 def test_a_trailing_old_policy_needs_its_rate_and_its_ceiling():
-    message = error_of(["learner.old_policy_decay_rate=0.001"], "toy-nft")
-    assert "learner.old_policy_decay_rate" in message and "old_policy_decay_max" in message
+    for overrides, config in [
+        (["learner.old_policy_decay_rate=0.001"], "toy-flowgrpo"),
+        (["learner.old_policy_decay_rate=0"], "toy-nft"),
+    ]:
+        message = error_of(overrides, config)
+        assert "learner.old_policy_decay_rate" in message and "old_policy_decay_max" in message
 
 
 def test_ray_roles_that_cannot_work_together_are_rejected():

@@ -67,8 +67,8 @@ def config(*overrides, name="toy-flowgrpo"):
         pytest.param("toy-flowgrpo", COLLECTIVE, marks=SLOW),
         pytest.param("toy-flowgrpo", FSDP, marks=SLOW),
         ("toy-flowgrpo", ["ray.placement=colocated", "ray.rollout_workers=1"]),
-        ("toy-nft", []),
-        ("toy-nft", ["learner.old_policy_decay_rate=0.3", "learner.old_policy_decay_max=0.5"]),
+        ("toy-nft", []),  # rollouts sample the trailing old policy
+        ("toy-nft", ["learner.old_policy_decay_rate=0", "learner.old_policy_decay_max=0"]),
         ("toy-flowgrpo", ["rollout.precision=fp8"]),
         pytest.param(
             "toy-nft", ["rollout.precision=fp8", "rollout.explore={candidates: 6}"], marks=SLOW
@@ -80,7 +80,7 @@ def config(*overrides, name="toy-flowgrpo"):
         "fsdp-2-learners",
         "colocated-swapping",
         "diffusion-nft",
-        "nft-trailing-old-policy",
+        "nft-on-policy",
         "fp8-rollouts",
         "fp8-explore-regenerate",
     ],
