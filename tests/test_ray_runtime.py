@@ -68,7 +68,12 @@ def config(*overrides, name="toy-flowgrpo"):
         pytest.param("toy-flowgrpo", FSDP, marks=SLOW),
         ("toy-flowgrpo", ["ray.placement=colocated", "ray.rollout_workers=1"]),
         ("toy-nft", []),  # rollouts sample the trailing old policy
-        ("toy-nft", ["learner.old_policy_decay_rate=0", "learner.old_policy_decay_max=0"]),
+        # on-policy, v_old from the learner (tested in one process in test_nft_analytic.py)
+        pytest.param(
+            "toy-nft",
+            ["learner.old_policy_decay_rate=0", "learner.old_policy_decay_max=0"],
+            marks=SLOW,
+        ),
         ("toy-flowgrpo", ["rollout.precision=fp8"]),
         pytest.param(
             "toy-nft", ["rollout.precision=fp8", "rollout.explore={candidates: 6}"], marks=SLOW
