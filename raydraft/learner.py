@@ -148,8 +148,8 @@ class Learner:
     def _keep_state(self) -> None:
         r = self.cfg.ray
         keep = r.max_staleness + 1 if r.mode == "async" else 1
-        if self.cfg.rollout.precision == "full" or (keep == 1 and self.old_policy is None):
-            return  # nothing to correct, or rollouts always come from the current weights
+        if self.cfg.rollout.precision == "full" or keep == 1:
+            return  # nothing to correct, or rollouts always come from the current version
         with self.sampling_weights():
             state = {
                 k: v.detach().to("cpu", copy=True) for k, v in self.policy.trainable_state().items()
@@ -162,8 +162,9 @@ class Learner:
     def _at_version(self, version: int) -> Iterator[None]:
         """The policy's sampling weights as they were at `version` inside the block."""
         policy = self.policy
-        if version == policy.version and self.old_policy is None:
-            yield
+        if version == policy.version:
+            with self.sampling_weights():
+                yield
             return
         if version not in self.kept_states:
             raise RuntimeError(
