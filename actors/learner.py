@@ -118,10 +118,7 @@ class LearnerActor:
 
     def inference_weights(self) -> WeightsMessage | None:
         """The weights to sample with for evaluation: the EMA shadow when kept."""
-        learner = self.learner
-        if learner.ema is None:
-            return self._message()
-        with learner.ema.applied():
+        with self.learner.inference_weights():
             return self._message()
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any], int] | None:

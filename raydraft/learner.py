@@ -145,6 +145,10 @@ class Learner:
         trailing old policy when kept, else the trained weights themselves."""
         return self.old_policy.applied() if self.old_policy is not None else nullcontext()
 
+    def inference_weights(self) -> AbstractContextManager[None]:
+        """Within this context the policy holds the weights to evaluate: the EMA when kept."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
+
     def _keep_state(self) -> None:
         r = self.cfg.ray
         keep = r.max_staleness + 1 if r.mode == "async" else 1

@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,7 +118,7 @@ class LocalEngine:
         self.prompts.load_state_dict(state["prompts"])
 
     def inference_weights(self) -> AbstractContextManager[None]:
-        return self.learner.ema.applied() if self.learner.ema else nullcontext()
+        return self.learner.inference_weights()
 
     def close(self) -> None:
         pass
