@@ -91,12 +91,15 @@ class Learner:
                     cfg.rollout.is_truncation,
                 )  # fmt: skip
         elif not getattr(algorithm, "behaviour_in_rollout", True):
-            # On-policy and left out of the rollout: the first step's own forward pass is
-            # the behaviour of its rows; the later steps' rows get theirs now, before any step.
-            plan_stats |= algorithm.recompute_behaviour(
-                policy, [p for step in parts[1:] for p, _ in step if p is not None],
-                cfg.rollout.is_truncation,
-            )  # fmt: skip
+            # Left out of the rollout, whose sampling weights the learner holds: with the
+            # trained weights themselves the first step's own forward pass is the behaviour
+            # of its rows; the other rows (all, with a trailing old policy) get theirs now.
+            own_pass = 1 if self.old_policy is None else 0
+            with self.sampling_weights():
+                plan_stats |= algorithm.recompute_behaviour(
+                    policy, [p for step in parts[own_pass:] for p, _ in step if p is not None],
+                    cfg.rollout.is_truncation,
+                )  # fmt: skip
         weighted: dict[str, float] = defaultdict(float)  # sum over micro-batches of share * stat
         grad_norms = []
         for step_parts in parts:

@@ -189,27 +189,31 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, config, ex
     assert steps == [1, 2, 3, 4]
 
 
-def test_rollouts_sample_the_trailing_old_policy(tmp_path):
+def test_rollouts_sample_the_trailing_old_policy(tmp_path, monkeypatch):
     """With `learner.old_policy_decay_*` each rollout samples old_v = η_v·old_{v-1} +
-    (1 - η_v)·θ_v, η_v = min(0.25 v, 0.6), and records that policy's predictions as
-    DiffusionNFT's v_old; the trained weights move on their own."""
+    (1 - η_v)·θ_v, η_v = min(0.25 v, 0.6), and DiffusionNFT's v_old is that policy's
+    prediction (made by the learner, which holds it, for every row it trains); the
+    trained weights move on their own."""
     t = trainer(tmp_path, "run", small_overrides("toy-nft", *OLD_POLICY), "toy-nft")
-    engine, policy = t.engine, t.policy
+    engine, policy, algorithm = t.engine, t.policy, t.engine.algorithm
+    trained = []  # every micro-batch the loss sees: its v_old was made before any step
+    loss = algorithm.loss
+    monkeypatch.setattr(algorithm, "loss", lambda p, b: (trained.append(b), loss(p, b))[1])
     old = [p.detach().clone() for p in engine.learner.params]  # old_0 = θ_0
     for version in (1, 2, 3):
+        trained.clear()
         result, update = engine.iterate()
-        rollout = result.rollout
-        assert rollout.old_predictions is not None  # not on-policy: the rollout records it
+        assert result.rollout.old_predictions is None  # the learner holds the old policy
+        assert trained and all(micro.old_prediction is not None for micro in trained)
         live = policy.trainable_state()
         with torch.no_grad():
             for p, value in zip(engine.learner.params, old, strict=True):
                 p.copy_(value)
-            times = engine.algorithm._times(rollout.steps[:, 0], rollout.x_t)
-            behaviour = policy.predict(
-                rollout.x_t[:, 0], times, rollout.cond, engine.algorithm.guidance
-            )
+            for micro in trained:
+                times = algorithm._times(micro.steps, micro.x_t)
+                behaviour = policy.predict(micro.x_t, times, micro.cond, algorithm.guidance)
+                assert torch.equal(behaviour, micro.old_prediction), version
         policy.load_trainable(live, policy.version)
-        assert torch.equal(behaviour, rollout.old_predictions[:, 0]), version
         eta = min(0.25 * version, 0.6)
         assert update["old_policy_decay"] == eta
         for shadow, p in zip(old, engine.learner.params, strict=True):

@@ -47,14 +47,15 @@ class Algorithm(Protocol):
     ) -> dict[str, float]:
         """Called after `plan_updates` and before any optimizer step when a low-precision
         copy sampled the rollout, with `policy` in full precision at the rollout's version;
-        also, with the micro-batches of every step but the first, when the algorithm has
-        `behaviour_in_rollout = False` (optional, default True: an on-policy rollout left
-        the behaviour out, and the first step's loss takes it from its own forward pass):
-        recompute in place, micro-batch by micro-batch (the shapes the loss will see, so a
-        first ratio is exactly 1), what the loss takes from the sampling policy
-        (Flow-GRPO's old log-probs, DiffusionNFT's old predictions), and weigh the
-        difference (importance weights truncated at `truncation`). Returns statistics of
-        the mismatch."""
+        also when the algorithm has `behaviour_in_rollout = False` (optional, default True:
+        a rollout whose sampling weights the learner holds left the behaviour out), with
+        `policy` at those weights: every micro-batch with a trailing old policy, all but the
+        first step's when the trained weights sampled (that step's loss takes the behaviour
+        from its own forward pass). Recompute in place, micro-batch by micro-batch (the
+        shapes the loss will see, so a first ratio is exactly 1), what the loss takes from
+        the sampling policy (Flow-GRPO's old log-probs, DiffusionNFT's old predictions), and
+        weigh the difference (importance weights truncated at `truncation`). Returns
+        statistics of the mismatch."""
         ...
 
     def plan_updates(

@@ -7,9 +7,9 @@
    there, v_old, is recorded with the rollout: the weights that drew a sample are its
    "old" policy wherever the rollout ran (a worker, a stale version in async mode). When
    the learner holds those very weights at the update (sync mode, full precision) the
-   rollout leaves v_old out: the first optimizer step's own forward pass is v_old for its
-   rows, and the learner predicts it for the later steps' rows (tied groups skipped), which
-   saves the rollout's K passes per sample for about half of them.
+   rollout leaves v_old out and the learner predicts it for the rows it trains (tied groups
+   skipped); when the sampling weights are the trained ones (no trailing old policy) the
+   first optimizer step's own forward pass is v_old for its rows.
 2. Group-relative advantages as Flow-GRPO's, clipped to ±A_max and mapped to an
    optimality probability r = A / (2 A_max) + 1/2 in [0, 1].
 3. Update: the implicit positive policy v⁺ = β v_θ + (1 - β) v_old and negative policy
@@ -39,12 +39,12 @@ from raydraft.sampling.samplers import Sampler
 from raydraft.seeds import NFT_TRAIN_POINTS, SDE_NOISE, sample_generator
 
 
-def samples_on_policy(cfg: ExperimentConfig) -> bool:
-    """Whether the learner updates from the very weights that sampled each rollout: sync
-    iterations (or the single-process trainer) with full-precision rollouts of the trained
-    weights (no trailing old policy)."""
+def learner_holds_sampling_weights(cfg: ExperimentConfig) -> bool:
+    """Whether the learner holds, at the update, the very weights that sampled the rollout
+    (the trained weights or its trailing old policy): sync iterations (or the single-process
+    trainer) with full-precision rollouts."""
     sync = cfg.runtime == "local" or cfg.ray.mode == "sync"
-    return sync and cfg.rollout.precision == "full" and not cfg.learner.trails_old_policy
+    return sync and cfg.rollout.precision == "full"
 
 
 def optimality(advantages: torch.Tensor, clip: float) -> torch.Tensor:
@@ -120,7 +120,8 @@ class DiffusionNFT:
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, sampler: Sampler, reward: Reward | None) -> DiffusionNFT:
-        return cls(cfg.algorithm, sampler, cfg.sampler.guidance_scale, not samples_on_policy(cfg))
+        in_rollout = not learner_holds_sampling_weights(cfg)
+        return cls(cfg.algorithm, sampler, cfg.sampler.guidance_scale, in_rollout)
 
     @torch.no_grad()
     def rollout(self, policy: Policy, batch: PromptBatch, generator: torch.Generator) -> NFTRollout:
