@@ -84,20 +84,20 @@ class Learner:
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
         policy.train(True)
+        # What the loss takes from the sampling policy, recomputed at the rollout's version
+        # before any step: after a low-precision rollout, for every step (in full precision);
+        # when the rollout left it out because the learner holds its sampling weights, for
+        # every step with a trailing old policy, and for all but the first when the trained
+        # weights sampled (that step's own forward pass is the behaviour of its rows).
+        first_step = None
         if result.precision != "full":
+            first_step = 0
+        elif not getattr(algorithm, "behaviour_in_rollout", True):
+            first_step = 0 if self.old_policy is not None else 1
+        if first_step is not None:
             with self._at_version(result.policy_version):
                 plan_stats |= algorithm.recompute_behaviour(
-                    policy, [p for step in parts for p, _ in step if p is not None],
-                    cfg.rollout.is_truncation,
-                )  # fmt: skip
-        elif not getattr(algorithm, "behaviour_in_rollout", True):
-            # Left out of the rollout, whose sampling weights the learner holds: with the
-            # trained weights themselves the first step's own forward pass is the behaviour
-            # of its rows; the other rows (all, with a trailing old policy) get theirs now.
-            own_pass = 1 if self.old_policy is None else 0
-            with self.sampling_weights():
-                plan_stats |= algorithm.recompute_behaviour(
-                    policy, [p for step in parts[own_pass:] for p, _ in step if p is not None],
+                    policy, [p for step in parts[first_step:] for p, _ in step if p is not None],
                     cfg.rollout.is_truncation,
                 )  # fmt: skip
         weighted: dict[str, float] = defaultdict(float)  # sum over micro-batches of share * stat
